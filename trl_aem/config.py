@@ -1,0 +1,92 @@
+"""``AEMGRPOConfig``: TRL's ``GRPOConfig`` plus the fields of Adaptive Entropy Modulation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .aem import DIRECTIONS, SCOPES
+
+ENTROPY_SOURCES = ("auto", "generation", "old_logps", "extra_pass")
+
+
+def _check_number(name: str, value, *, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class AEMGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`AEMGRPOTrainer`]: every field of TRL's `GRPOConfig`, plus the AEM fields below.
+
+    AEM rescales the base (GRPO/DAPO/GSPO/Dr.GRPO/BNPO) advantage of every response span by
+    `alpha = exp(-aem_lambda * Htilde) / mean_group(exp(-aem_lambda * Htilde))`, where `Htilde` is the span's mean
+    token entropy min-max normalised within its group (see `docs/method.md`).
+
+    Parameters:
+        use_aem (`bool`, *optional*, defaults to `True`):
+            Switch AEM on. With `False` the trainer is exactly TRL's `GRPOTrainer`.
+        aem_lambda (`float`, *optional*, defaults to `1.0`):
+            Modulation strength `lambda` (the paper uses 1.0). `0.0` gives alpha = 1 everywhere.
+        aem_min_entropy_range (`float`, *optional*, defaults to `0.1`):
+            Range gate: a group whose span entropies span less than this (max - min, in nats) keeps alpha = 1.
+        aem_scope (`str`, *optional*, defaults to `"group"`):
+            Where min-max normalisation and the mean of alpha run: `"group"` (all spans of the G trajectories of one
+            prompt; the paper's), `"trajectory"` (the spans of one trajectory) or `"batch"` (all spans of the
+            generation batch; an EMPG-style baseline).
+        aem_direction (`str`, *optional*, defaults to `"normal"`):
+            `"normal"` (low-entropy spans get alpha > 1), `"reverse"` (`exp(+lambda * Htilde)`, an ablation) or
+            `"shuffle"` (normal alphas permuted within each group, an ablation; seeded by `seed`).
+        aem_entropy_source (`str`, *optional*, defaults to `"auto"`):
+            Where per-token entropies come from. `"generation"` records them while `transformers` generates (no
+            extra forward pass), `"old_logps"` computes them in the old-log-probability pass TRL already runs (with
+            vLLM, or `num_iterations > 1`), `"extra_pass"` runs one more no-grad forward pass. `"auto"` picks the
+            first of these that applies to the configuration.
+    """
+
+    use_aem: bool = field(default=True, metadata={"help": "Switch Adaptive Entropy Modulation on (False = plain GRPO)."})
+    aem_lambda: float = field(default=1.0, metadata={"help": "AEM strength lambda (paper: 1.0); 0 gives alpha = 1."})
+    aem_min_entropy_range: float = field(
+        default=0.1,
+        metadata={"help": "Range gate: a group whose span-entropy range is below this keeps alpha = 1 (paper: 0.1)."},
+    )
+    aem_scope: str = field(
+        default="group",
+        metadata={"help": "Normalisation scope of AEM.", "choices": list(SCOPES)},
+    )
+    aem_direction: str = field(
+        default="normal",
+        metadata={"help": "AEM direction: normal, reverse or shuffle (ablations).", "choices": list(DIRECTIONS)},
+    )
+    aem_entropy_source: str = field(
+        default="auto",
+        metadata={"help": "Where per-token entropies come from.", "choices": list(ENTROPY_SOURCES)},
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.use_aem, bool):
+            raise ValueError(f"use_aem must be True or False, got {self.use_aem!r}")
+        _check_number("aem_lambda", self.aem_lambda)
+        _check_number("aem_min_entropy_range", self.aem_min_entropy_range)
+        _check_choice("aem_scope", self.aem_scope, SCOPES)
+        _check_choice("aem_direction", self.aem_direction, DIRECTIONS)
+        _check_choice("aem_entropy_source", self.aem_entropy_source, ENTROPY_SOURCES)
+        super().__post_init__()
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig, **aem_fields) -> "AEMGRPOConfig":
+        """Build an `AEMGRPOConfig` holding every setting of an existing `GRPOConfig` (plus `aem_fields`)."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
+        # GRPOConfig.__post_init__ derives one of these two from the other; pass only the one it was derived from.
+        values["generation_batch_size"] = None
+        values.update(aem_fields)
+        return cls(**values)
