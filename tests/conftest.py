@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny Qwen2 model and word-level tokenizer built in code (nothing is downloaded)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Word-level tokenizer with Qwen2.5's chat template."""
+    return build_word_tokenizer(COLORS + ["say", "color", "name"])
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Factory for a fresh tiny Qwen2 model (same weights for the same seed)."""
+
+    def factory(seed: int = 0):
+        return build_tiny_qwen2(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, seed=seed)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def color_dataset():
+    """A single-turn conversational prompt dataset."""
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": "say a color ."}]} for _ in range(32)])
+
+
+def red_reward(completions, **kwargs):
+    """1 for each 'red' in the completion (a reward with spread, so advantages are non-zero)."""
+    return [float(c[0]["content"].split().count("red")) for c in completions]
+
+
+def short_reward(completions, **kwargs):
+    """A second reward: shorter completions score higher."""
+    return [-0.1 * len(c[0]["content"].split()) for c in completions]
+
+
+def base_args(tmp_path, **overrides):
+    """Config kwargs for a couple of fast CPU steps."""
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=5e-2,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
