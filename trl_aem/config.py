@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +52,24 @@ class AEMGRPOConfig(GRPOConfig):
             extra forward pass), `"old_logps"` computes them in the old-log-probability pass TRL already runs (with
             vLLM, or `num_iterations > 1`), `"extra_pass"` runs one more no-grad forward pass. `"auto"` picks the
             first of these that applies to the configuration.
+
+        > Multi-turn environments (used when the trainer gets `env=...`)
+
+        env_max_turns (`int`, *optional*, defaults to `10`):
+            Most agent turns per episode. An episode that reaches it without terminating counts as a failure.
+        env_max_new_tokens_per_turn (`int`, *optional*, defaults to `64`):
+            Most tokens generated in one turn. The whole trajectory (actions and observations) is further limited
+            by `max_completion_length`.
+        env_system_prompt (`str`, *optional*):
+            A system message put before the dataset's prompt (chat models) or a first line (plain text).
+        env_kwargs (`dict`, *optional*):
+            Keyword arguments for `gymnasium.make` (or the factory), e.g. difficulty knobs.
+        env_num_workers (`int`, *optional*, defaults to `8`):
+            Environment `reset`/`step` calls of one turn run in up to this many threads.
+        env_timeout (`float`, *optional*, defaults to `60.0`):
+            Seconds one `reset`/`step` call may take; past it the episode ends as a failure. `None`: no limit.
+        env_raise_on_error (`bool`, *optional*, defaults to `False`):
+            Raise when an environment call fails, instead of ending that episode as a failure and going on.
     """
 
     use_aem: bool = field(default=True, metadata={"help": "Switch Adaptive Entropy Modulation on (False = plain GRPO)."})
@@ -72,6 +91,18 @@ class AEMGRPOConfig(GRPOConfig):
         metadata={"help": "Where per-token entropies come from.", "choices": list(ENTROPY_SOURCES)},
     )
 
+    env_max_turns: int = field(default=10, metadata={"help": "Most agent turns per episode."})
+    env_max_new_tokens_per_turn: int = field(default=64, metadata={"help": "Most tokens generated in one turn."})
+    env_system_prompt: str | None = field(default=None, metadata={"help": "System message for environment episodes."})
+    env_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for gymnasium.make (a dict, or a JSON string)."}
+    )
+    env_num_workers: int = field(default=8, metadata={"help": "Threads for environment reset/step calls."})
+    env_timeout: float | None = field(default=60.0, metadata={"help": "Seconds one reset/step call may take."})
+    env_raise_on_error: bool = field(
+        default=False, metadata={"help": "Raise on an environment failure instead of failing that episode."}
+    )
+
     def __post_init__(self):
         if not isinstance(self.use_aem, bool):
             raise ValueError(f"use_aem must be True or False, got {self.use_aem!r}")
@@ -80,6 +111,23 @@ class AEMGRPOConfig(GRPOConfig):
         _check_choice("aem_scope", self.aem_scope, SCOPES)
         _check_choice("aem_direction", self.aem_direction, DIRECTIONS)
         _check_choice("aem_entropy_source", self.aem_entropy_source, ENTROPY_SOURCES)
+        for name in ("env_max_turns", "env_max_new_tokens_per_turn", "env_num_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.env_timeout is not None:
+            _check_number("env_timeout", self.env_timeout)
+            if self.env_timeout == 0:
+                raise ValueError("env_timeout must be > 0 seconds, or None for no limit")
+        if isinstance(self.env_kwargs, str):
+            try:
+                self.env_kwargs = json.loads(self.env_kwargs)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"env_kwargs must be a dict or a JSON object string, got {self.env_kwargs!r}") from exc
+        if self.env_kwargs is not None and not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"env_kwargs must be a dict of keyword arguments for gymnasium.make, got {self.env_kwargs!r}")
+        if not isinstance(self.env_raise_on_error, bool):
+            raise ValueError(f"env_raise_on_error must be True or False, got {self.env_raise_on_error!r}")
         super().__post_init__()
 
     @classmethod

@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 
-from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_mean_entropy, token_entropy_from_logits
+from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_mean_entropy
 from .config import AEMGRPOConfig
+from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn
+from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, make_env_factory
 
 #: Keys of the scored batch that AEM reads (TRL's ``_generate_and_score_completions`` output).
 SCORED_BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
@@ -35,23 +38,6 @@ AEM_CITATION = textwrap.dedent("""\
         year         = 2026,
         eprint       = {arXiv:2605.00425},
     }""")
-
-
-class _GenerationEntropyRecorder:
-    """Forward hook that records the next-token entropy at every ``generate`` step (no extra forward pass)."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, module, args, output):
-        logits = getattr(output, "logits", None)
-        if logits is not None and logits.dim() == 3:
-            self.steps.append(token_entropy_from_logits(logits[:, -1, :], self.temperature))
-
-    def entropies(self) -> torch.Tensor | None:
-        """``(B, steps)`` entropies recorded so far, or None if nothing was recorded."""
-        return torch.stack(self.steps, dim=1) if self.steps else None
 
 
 class AEMGRPOTrainer(GRPOTrainer):
@@ -100,6 +86,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         tools=None,
         rollout_func=None,
         environment_factory=None,
+        env=None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
@@ -108,6 +95,9 @@ class AEMGRPOTrainer(GRPOTrainer):
             if not isinstance(args, GRPOConfig):
                 raise TypeError(f"args must be an AEMGRPOConfig (or a GRPOConfig), got {type(args).__name__}")
             args = AEMGRPOConfig.from_grpo_config(args)
+        if env is not None:
+            reward_funcs = self._check_env_arguments(args, train_dataset, reward_funcs, tools, rollout_func,
+                                                     environment_factory)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -124,6 +114,19 @@ class AEMGRPOTrainer(GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
+        self.env_runner: EnvRunner | None = None
+        if env is not None:
+            self.env_runner = EnvRunner(
+                make_env_factory(env, self.args.env_kwargs),
+                ObservationRenderer(self._tokenizer, self.args.env_system_prompt, self.chat_template_kwargs),
+                RolloutLimits(self.args.env_max_turns, self.args.env_max_new_tokens_per_turn,
+                              self.args.max_completion_length),
+                num_workers=self.args.env_num_workers,
+                timeout=self.args.env_timeout,
+                raise_on_error=self.args.env_raise_on_error,
+            )
+            self.rollout_func = self._env_rollout
+        self._env_rows: list[dict] | None = None
         self.aem_entropy_source = self._resolve_entropy_source()
         self._aem_capture_old_pass = False
         self._aem_token_entropy: torch.Tensor | None = None
@@ -131,6 +134,34 @@ class AEMGRPOTrainer(GRPOTrainer):
         self._aem_generator = torch.Generator().manual_seed(int(self.args.seed))
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_env_arguments(args, train_dataset, reward_funcs, tools, rollout_func, environment_factory):
+        """Validate ``env=`` against the other arguments; return the reward functions with ``env_return`` first."""
+        for name, value in (("tools", tools), ("rollout_func", rollout_func),
+                            ("environment_factory", environment_factory)):
+            if value:
+                raise ValueError(f"env= runs its own multi-turn rollouts and cannot be combined with {name}=")
+        if args.use_vllm:
+            raise ValueError(
+                "env= rollouts generate with transformers; use_vllm=True is not supported with env= yet "
+                "(set use_vllm=False)"
+            )
+        columns = getattr(train_dataset, "column_names", None)
+        if columns is not None and "prompt" not in columns:
+            raise ValueError(
+                "With env=, the training dataset needs a 'prompt' column (a generic instruction; the environment's "
+                "first observation is appended to it) and usually a 'seed' column. trl_aem.make_env_dataset builds one."
+            )
+        if reward_funcs is None:
+            user_funcs = []
+        elif isinstance(reward_funcs, list):
+            user_funcs = list(reward_funcs)
+        else:
+            user_funcs = [reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) == len(user_funcs):
+            args.reward_weights = [1.0] + list(args.reward_weights)
+        return [env_return] + user_funcs
+
     def _old_logps_pass_runs(self) -> bool:
         """Whether GRPOTrainer computes ``old_per_token_logps`` in its scoring step (mirrors its own condition)."""
         generate_every = self.args.steps_per_generation * self.num_iterations
@@ -139,7 +170,9 @@ class AEMGRPOTrainer(GRPOTrainer):
         )
 
     def _generation_recordable(self) -> bool:
-        """Whether completions come from one plain ``transformers`` ``generate`` call we can hook."""
+        """Whether completions come from ``transformers`` ``generate`` calls we can hook (ours or TRL's)."""
+        if self.env_runner is not None:
+            return True
         return not (self.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func)
 
     def _resolve_entropy_source(self) -> str:
@@ -182,12 +215,9 @@ class AEMGRPOTrainer(GRPOTrainer):
         """GRPOTrainer's generation; with the ``"generation"`` entropy source it records per-step entropies."""
         if not (self.args.use_aem and self.aem_entropy_source == "generation"):
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
-        recorder = _GenerationEntropyRecorder(self.temperature)
-        handle = self._causal_lm().register_forward_hook(recorder)
-        try:
+        recorder = GenerationEntropyRecorder(self.temperature)
+        with recorder.attached(causal_lm_module(self.accelerator.unwrap_model(self.model))):
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-        finally:
-            handle.remove()
         recorded = recorder.entropies()
         longest = max((len(ids) for ids in completion_ids), default=0)
         if recorded is None or recorded.size(0) != len(completion_ids) or recorded.size(1) < longest:
@@ -197,16 +227,14 @@ class AEMGRPOTrainer(GRPOTrainer):
             self._aem_generation_entropy = [recorded[i, : len(ids)] for i, ids in enumerate(completion_ids)]
         return completion_ids, logprobs
 
-    def _causal_lm(self) -> torch.nn.Module:
-        """The transformers causal-LM module whose forward ``generate`` calls (under PEFT/accelerate wrappers)."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
     # ------------------------------------------------------------------ scoring
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """GRPOTrainer's generation and scoring, then AEM: advantages become ``(B, T)`` ``alpha * A_base``."""
+        self._env_rows = inputs  # the environment rollout reads the rows' seed/task columns
         if not self.args.use_aem:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            self._env_log_metrics(inputs)
+            return output
         self._aem_token_entropy = None
         self._aem_generation_entropy = None
         self._aem_capture_old_pass = self.aem_entropy_source == "old_logps"
@@ -214,8 +242,10 @@ class AEMGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._aem_capture_old_pass = False
+        self._env_log_metrics(inputs)
         token_entropy = self._aem_collect_token_entropy(output)
-        output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=output.pop("span_ids", None))
+        span_ids = self._env_span_ids(inputs, output["completion_ids"]) if self.env_runner is not None else None
+        output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids)
         return output
 
     def _aem_collect_token_entropy(self, output: dict[str, Any]) -> torch.Tensor:
@@ -266,13 +296,14 @@ class AEMGRPOTrainer(GRPOTrainer):
         global_row = table.row + row_offset
         local = torch.stack(
             [table.response_entropy.double(), global_row.double(), table.num_tokens.double(),
-             advantages.detach().double()[table.row], torch.ones_like(global_row, dtype=torch.float64)],
+             advantages.detach().double()[table.row], table.span_id.double(),
+             torch.ones_like(global_row, dtype=torch.float64)],
             dim=1,
         )
         gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=0))
-        gathered = gathered[gathered[:, 4] > 0]
+        gathered = gathered[gathered[:, 5] > 0]
         all_entropy, all_row = gathered[:, 0].float(), gathered[:, 1].long()
-        all_tokens, all_adv = gathered[:, 2].long(), gathered[:, 3]
+        all_tokens, all_adv, all_turn = gathered[:, 2].long(), gathered[:, 3], gathered[:, 4].long()
         nonempty = all_tokens > 0
         # Spans with no loss tokens carry no gradient; keep them out of the statistics (NaN entropy = invalid).
         all_entropy = torch.where(nonempty, all_entropy, torch.full_like(all_entropy, float("nan")))
@@ -288,6 +319,8 @@ class AEMGRPOTrainer(GRPOTrainer):
             generator=self._aem_generator,
         )
         self._aem_log_metrics(mode, result, all_entropy, all_adv, nonempty)
+        if span_ids is not None:
+            self._aem_log_turn_metrics(mode, result, all_entropy, all_turn)
 
         mine = (all_row >= row_offset) & (all_row < row_offset + local_rows)
         local_alpha = result.alpha[mine].to(advantages.device)
@@ -309,3 +342,105 @@ class AEMGRPOTrainer(GRPOTrainer):
         metrics["aem/response_entropy_mean"].append(span_entropy[valid].mean().item() if valid.any() else 0.0)
         metrics["aem/neg_adv_frac"].append((span_advantage[nonempty] < 0).float().mean().item() if nonempty.any() else 0.0)
         metrics["aem/nonfinite_entropy_spans"].append(float((nonempty & ~valid).sum().item()))
+
+    def _aem_log_turn_metrics(self, mode, result, span_entropy, turn, max_turns_logged: int = 8) -> None:
+        """Per-turn AEM metrics for multi-turn rollouts: ``aem/turn{k}/alpha_mean`` and ``.../response_entropy_mean``."""
+        metrics = self._metrics[mode]
+        for k in range(min(int(turn.max().item()) + 1 if turn.numel() else 0, max_turns_logged)):
+            chosen = (turn == k) & result.valid
+            if chosen.any():
+                metrics[f"aem/turn{k}/alpha_mean"].append(result.alpha[chosen].double().mean().item())
+                metrics[f"aem/turn{k}/response_entropy_mean"].append(span_entropy[chosen].double().mean().item())
+
+    # ------------------------------------------------------------------ multi-turn environments
+    def _env_rollout(self, prompts: list, trainer=None) -> dict[str, list]:
+        """TRL ``rollout_func``: play one episode per prompt in the environment, with batched generation per turn."""
+        rows = self._env_rows
+        if rows is None or len(rows) != len(prompts):
+            raise RuntimeError("internal: environment rows and prompts are out of step")
+        record = self.args.use_aem and self.aem_entropy_source == "generation"
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            generate = make_hf_generate_fn(
+                unwrapped_model, self._tokenizer.pad_token_id, self.eos_token_ids, self.generation_config,
+                temperature=self.temperature, record_entropy=record,
+            )
+            episodes = self.env_runner.run(rows, prompts, generate)
+        eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.pad_token_id
+        completion_ids, env_mask, span_ids = [], [], []
+        for episode in episodes:
+            if episode.completion_ids:
+                completion_ids.append(episode.completion_ids)
+                env_mask.append(episode.env_mask)
+                span_ids.append(episode.span_ids)
+            else:  # no turn was played (reset failed): one masked token, so TRL's batch stays well-formed
+                completion_ids.append([eos])
+                env_mask.append([0])
+                span_ids.append([-1])
+        if record:
+            self._aem_generation_entropy = [
+                torch.tensor(e.token_entropy if e.completion_ids else [0.0], dtype=torch.float32) for e in episodes
+            ]
+        return {
+            "prompt_ids": [e.prompt_ids for e in episodes],
+            "completion_ids": completion_ids,
+            "logprobs": None,
+            "env_mask": env_mask,
+            "aem_span_ids": span_ids,
+            "env_return": [e.episode_return for e in episodes],
+            "env_success": [bool(e.success) for e in episodes],
+            "env_turns": [e.num_turns for e in episodes],
+            "env_invalid_actions": [e.invalid_actions for e in episodes],
+            "env_truncated": [bool(e.truncated) for e in episodes],
+            "env_error": [e.error for e in episodes],
+        }
+
+    @staticmethod
+    def _env_span_ids(inputs: list[dict], completion_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` turn index of every completion token (-1 for observation tokens and padding)."""
+        span_ids = torch.full(completion_ids.shape, -1, dtype=torch.long, device=completion_ids.device)
+        for row, example in enumerate(inputs):
+            values = example["aem_span_ids"][: span_ids.size(1)]
+            span_ids[row, : len(values)] = torch.tensor(values, dtype=torch.long)
+        return span_ids
+
+    def _env_log_metrics(self, inputs: list[dict]) -> None:
+        """Log ``env/*`` metrics of the episodes just played, over all processes."""
+        if self.env_runner is None or not inputs or "env_return" not in inputs[0]:
+            return
+        mode = "train" if self.model.training else "eval"
+        local = torch.tensor(
+            [[float(x["env_success"]), float(x["env_return"]), float(x["env_turns"]), float(x["env_invalid_actions"]),
+              float(x["env_truncated"]), float(x["env_error"] is not None)] for x in inputs],
+            dtype=torch.float64, device=self.accelerator.device,
+        )
+        stats = self.accelerator.gather(local)
+        turns = stats[:, 2].sum().item()
+        metrics = self._metrics[mode]
+        metrics["env/success_rate"].append(stats[:, 0].mean().item())
+        metrics["env/return_mean"].append(stats[:, 1].mean().item())
+        metrics["env/turns_mean"].append(stats[:, 2].mean().item())
+        metrics["env/invalid_action_rate"].append(stats[:, 3].sum().item() / turns if turns else 0.0)
+        metrics["env/truncated_frac"].append(stats[:, 4].mean().item())
+        metrics["env/episode_errors"].append(stats[:, 5].sum().item())
+
+
+def env_return(completions, env_return=None, env_error=None, **kwargs) -> list[float | None]:
+    """Reward function used with ``env=``: the episode return (sum of the environment's rewards).
+
+    Episodes that ended because the environment failed get ``None`` (TRL then leaves them out of the group
+    baseline and gives them zero advantage), so an environment fault never teaches the policy anything.
+    """
+    if env_return is None:
+        raise ValueError("env_return reward needs the env_return column that AEMGRPOTrainer(env=...) provides")
+    errors = env_error if env_error is not None else [None] * len(env_return)
+    return [None if error is not None else float(value) for value, error in zip(env_return, errors)]

@@ -1,0 +1,425 @@
+"""Multi-turn rollouts of a language-model agent in gymnasium text environments.
+
+One trajectory is one training sequence: ``prompt, action 1, observation 1, action 2, ..., action K``. Generated
+tokens are kept exactly as sampled (never re-tokenised); observation tokens are rendered with the tokenizer's chat
+template (observations as user messages, actions as assistant messages) or as plain text, attended to but kept out
+of the loss (``env_mask`` 0, ``span_ids`` -1). Every generated turn is one AEM span (``span_ids`` = turn index).
+
+All active episodes generate their next turn in ONE batched call per turn; environment ``reset``/``step`` calls of
+a turn run in a small pool of daemon threads, each with an optional time-out.
+
+Limits and the rule for hitting them: a turn generates at most ``max_new_tokens_per_turn`` tokens (a turn cut by
+this limit is still sent to the environment, and is still one whole span); the whole trajectory (actions and
+observations) holds at most ``max_completion_length`` tokens: the next turn may only use what is left, and an
+observation that does not fit ends the episode (it is not appended). An episode that reaches ``max_turns`` without
+terminating, or runs out of token budget, ends *truncated* and counts as a failure (``success=False``), its return
+being the sum of the rewards it got so far.
+
+Faults: an exception or a time-out in ``reset``/``step`` ends that episode as a failure with ``error`` set (unless
+``raise_on_error``); the other episodes go on. An environment returning a malformed result raises
+:class:`EnvironmentProtocolError` naming the environment and what it returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium
+
+logger = logging.getLogger(__name__)
+
+#: ``generate(contexts, max_new_tokens) -> (tokens, entropies)``: for every context (a list of token ids), the
+#: sampled continuation (up to and including its EOS token, if any) and the entropy at each sampled position
+#: (``None`` when the backend does not provide entropies).
+GenerateFn = Callable[[list[list[int]], int], tuple[list[list[int]], list[list[float]] | None]]
+
+
+class EnvironmentProtocolError(TypeError):
+    """An environment returned something that breaks the text-environment convention."""
+
+
+class EnvironmentTimeout(TimeoutError):
+    """An environment call did not return within the time-out."""
+
+
+@dataclass
+class RolloutLimits:
+    """Limits of one episode: turns, generated tokens per turn, tokens in the whole trajectory."""
+
+    max_turns: int = 10
+    max_new_tokens_per_turn: int = 64
+    max_completion_length: int = 1024
+
+    def __post_init__(self):
+        for name in ("max_turns", "max_new_tokens_per_turn", "max_completion_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class Episode:
+    """One multi-turn trajectory and its outcome."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    env_mask: list[int] = field(default_factory=list)  # 1 for generated tokens, 0 for observation tokens
+    span_ids: list[int] = field(default_factory=list)  # turn index for generated tokens, -1 for observations
+    token_entropy: list[float] = field(default_factory=list)  # entropy of generated tokens, 0 for observations
+    actions: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)  # observations[0] is the one from reset
+    rewards: list[float] = field(default_factory=list)
+    success: bool = False
+    terminated: bool = False
+    truncated: bool = False
+    invalid_actions: int = 0
+    error: str | None = None
+    done: bool = False
+
+    @property
+    def episode_return(self) -> float:
+        """Sum of the environment's rewards."""
+        return float(sum(self.rewards))
+
+    @property
+    def num_turns(self) -> int:
+        """Number of actions the agent took."""
+        return len(self.actions)
+
+    def append_action(self, tokens: Sequence[int], entropies: Sequence[float] | None, text: str) -> None:
+        """Append one generated turn (a whole span)."""
+        turn = len(self.actions)
+        self.completion_ids.extend(tokens)
+        self.env_mask.extend([1] * len(tokens))
+        self.span_ids.extend([turn] * len(tokens))
+        self.token_entropy.extend(list(entropies) if entropies is not None else [0.0] * len(tokens))
+        self.actions.append(text)
+
+    def append_observation(self, tokens: Sequence[int]) -> None:
+        """Append observation tokens (attended to, out of the loss)."""
+        self.completion_ids.extend(tokens)
+        self.env_mask.extend([0] * len(tokens))
+        self.span_ids.extend([-1] * len(tokens))
+        self.token_entropy.extend([0.0] * len(tokens))
+
+
+def make_env_factory(env: str | Callable[[], gymnasium.Env], env_kwargs: dict | None = None) -> Callable[[], Any]:
+    """Turn a gymnasium id (``"trl_aem/Household-v0"``) or a factory into a zero-argument factory."""
+    if isinstance(env, str):
+        kwargs = dict(env_kwargs or {})
+        try:
+            gymnasium.spec(env)
+        except Exception as exc:  # gymnasium raises several error types for unknown ids
+            raise ValueError(f"env={env!r} is not a registered gymnasium id ({exc})") from exc
+        return lambda: gymnasium.make(env, **kwargs)
+    if callable(env):
+        if env_kwargs:
+            return lambda: env(**env_kwargs)
+        return env
+    raise ValueError(f"env must be a gymnasium id or a callable returning a gymnasium.Env, got {type(env).__name__}")
+
+
+def env_name(env: Any) -> str:
+    """A readable name for an environment instance (its spec id, or its class)."""
+    spec = getattr(env, "spec", None)
+    if spec is not None and getattr(spec, "id", None):
+        return spec.id
+    return type(getattr(env, "unwrapped", env)).__name__
+
+
+def row_seed(row: dict) -> int:
+    """The task seed of a dataset row: its ``seed`` column, else a stable hash of the row (same for G copies)."""
+    seed = row.get("seed")
+    if seed is not None:
+        return int(seed)
+    digest = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in row.items())).encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def check_reset_result(env: Any, result: Any) -> tuple[str, dict]:
+    """Validate ``reset``'s ``(observation: str, info: dict)``."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise EnvironmentProtocolError(
+            f"{env_name(env)}.reset() must return (observation: str, info: dict), got {result!r:.200}"
+        )
+    observation, info = result
+    if not isinstance(observation, str):
+        raise EnvironmentProtocolError(
+            f"{env_name(env)}.reset() returned a {type(observation).__name__} observation ({observation!r:.100}); "
+            "text environments must return a str"
+        )
+    return observation, dict(info or {})
+
+
+def check_step_result(env: Any, result: Any) -> tuple[str, float, bool, bool, dict]:
+    """Validate ``step``'s ``(observation: str, reward, terminated, truncated, info)``."""
+    if not (isinstance(result, tuple) and len(result) == 5):
+        raise EnvironmentProtocolError(
+            f"{env_name(env)}.step() must return (observation, reward, terminated, truncated, info), "
+            f"got {result!r:.200}"
+        )
+    observation, reward, terminated, truncated, info = result
+    if not isinstance(observation, str):
+        raise EnvironmentProtocolError(
+            f"{env_name(env)}.step() returned a {type(observation).__name__} observation ({observation!r:.100}); "
+            "text environments must return a str"
+        )
+    try:
+        reward = float(reward)
+    except (TypeError, ValueError):
+        raise EnvironmentProtocolError(f"{env_name(env)}.step() returned a non-numeric reward {reward!r:.100}") from None
+    return observation, reward, bool(terminated), bool(truncated), dict(info or {})
+
+
+def call_all(calls: list[Callable[[], Any]], timeout: float | None, num_workers: int) -> list[tuple[Any, BaseException | None]]:
+    """Run zero-argument calls in daemon threads (``num_workers`` at a time), each with a time-out.
+
+    Returns ``(result, exception)`` per call; a call past its time-out yields an :class:`EnvironmentTimeout`
+    (its thread is abandoned, never joined, so a hung environment cannot block the run or the interpreter's exit).
+    """
+    results: list[tuple[Any, BaseException | None]] = [(None, None)] * len(calls)
+    if num_workers <= 1 and timeout is None:
+        for i, call in enumerate(calls):
+            try:
+                results[i] = (call(), None)
+            except Exception as exc:  # noqa: BLE001 - reported per episode
+                results[i] = (None, exc)
+        return results
+    for start in range(0, len(calls), max(1, num_workers)):
+        chunk = list(range(start, min(start + max(1, num_workers), len(calls))))
+        boxes: dict[int, list] = {i: [] for i in chunk}
+
+        def runner(i: int) -> None:
+            try:
+                boxes[i].append((calls[i](), None))
+            except BaseException as exc:  # noqa: BLE001 - reported per episode
+                boxes[i].append((None, exc))
+
+        threads = {i: threading.Thread(target=runner, args=(i,), daemon=True) for i in chunk}
+        for thread in threads.values():
+            thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i, thread in threads.items():
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if boxes[i]:
+                results[i] = boxes[i][0]
+            else:
+                results[i] = (None, EnvironmentTimeout(f"no answer within {timeout} s"))
+    return results
+
+
+class ObservationRenderer:
+    """Renders prompts and observations to token ids: with the tokenizer's chat template, or as plain text.
+
+    With a chat template, the prompt is the dataset's conversation with the first observation appended to its last
+    user message (as TRL does for ``environment_factory``), plus the generation prompt; each later observation is
+    the template's text between an assistant message and the next assistant generation prompt, i.e. the end of the
+    assistant turn (when the model did not generate it), the observation as a user message, and the assistant
+    header. Without one, the prompt is its text plus the observation, and observations are ``"\\n" + text + "\\n"``.
+    """
+
+    _MARK = "ACTIONMARK"
+
+    def __init__(self, tokenizer, system_prompt: str | None = None, chat_template_kwargs: dict | None = None):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.use_chat_template = getattr(tokenizer, "chat_template", None) is not None
+        eos = tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def _messages(self, prompt: Any, observation: str) -> list[dict]:
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = [dict(m) for m in prompt] or [{"role": "user", "content": ""}]
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if messages[-1].get("role") != "user":
+            messages.append({"role": "user", "content": ""})
+        content = messages[-1].get("content") or ""
+        separator = "\n" if content and observation else ""
+        messages[-1] = {**messages[-1], "content": f"{content}{separator}{observation}"}
+        return messages
+
+    def prompt_text(self, prompt: Any, observation: str) -> str:
+        """The prompt text for the first turn (conversation + first observation)."""
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template(
+                self._messages(prompt, observation), tokenize=False, add_generation_prompt=True,
+                **self.chat_template_kwargs,
+            )
+        if not isinstance(prompt, str):
+            prompt = "\n".join(str(m.get("content", "")) for m in prompt)
+        head = f"{self.system_prompt}\n" if self.system_prompt else ""
+        separator = "\n" if prompt and observation else ""
+        return f"{head}{prompt}{separator}{observation}\n"
+
+    def prompt_ids(self, prompt: Any, observation: str) -> list[int]:
+        """Token ids of :meth:`prompt_text`."""
+        return self.tokenizer(self.prompt_text(prompt, observation), add_special_tokens=False)["input_ids"]
+
+    def observation_text(self, observation: str, action_ended_with_eos: bool) -> str:
+        """The text placed between one generated action and the next."""
+        if not self.use_chat_template:
+            return f"\n{observation}\n"
+        base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": self._MARK}]
+        without = self.tokenizer.apply_chat_template(base, tokenize=False, **self.chat_template_kwargs)
+        with_obs = self.tokenizer.apply_chat_template(
+            base + [{"role": "user", "content": observation}], tokenize=False, add_generation_prompt=True,
+            **self.chat_template_kwargs,
+        )
+        cut = without.rfind(self._MARK) + len(self._MARK)
+        if not with_obs.startswith(without[:cut]):
+            raise ValueError("the chat template is not prefix-preserving; multi-turn rollouts need one that is")
+        text = with_obs[cut:]
+        eos_text = self.tokenizer.eos_token or ""
+        if action_ended_with_eos and eos_text and text.startswith(eos_text):
+            text = text[len(eos_text):]
+        return text
+
+    def observation_ids(self, observation: str, action_ended_with_eos: bool) -> list[int]:
+        """Token ids of :meth:`observation_text`."""
+        return self.tokenizer(self.observation_text(observation, action_ended_with_eos), add_special_tokens=False)[
+            "input_ids"
+        ]
+
+    def action_text(self, tokens: Sequence[int]) -> str:
+        """The action string sent to the environment: the decoded turn without special tokens."""
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+
+class EnvRunner:
+    """Runs G-episode groups of a text environment with a batched generator; see the module docstring for rules."""
+
+    def __init__(
+        self,
+        env_factory: Callable[[], Any],
+        renderer: ObservationRenderer,
+        limits: RolloutLimits,
+        num_workers: int = 8,
+        timeout: float | None = 60.0,
+        raise_on_error: bool = False,
+    ):
+        self.env_factory = env_factory
+        self.renderer = renderer
+        self.limits = limits
+        self.num_workers = num_workers
+        self.timeout = timeout
+        self.raise_on_error = raise_on_error
+        self._pool: list[Any] = []
+        self._logged_errors: set[str] = set()
+        self.last_error_count = 0
+
+    def _environments(self, count: int) -> list[Any]:
+        while len(self._pool) < count:
+            self._pool.append(self.env_factory())
+        return self._pool[:count]
+
+    def _fail(self, episode: Episode, index: int, env: Any, where: str, exc: BaseException) -> None:
+        """End an episode because its environment raised or hung; log each kind of fault once with its traceback."""
+        if isinstance(exc, EnvironmentProtocolError) or self.raise_on_error:
+            raise exc
+        message = f"{env_name(env)}.{where}() failed: {type(exc).__name__}: {exc}"
+        key = f"{env_name(env)}.{where}:{type(exc).__name__}"
+        if key not in self._logged_errors:
+            self._logged_errors.add(key)
+            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            logger.warning("Episode ended as a failure: %s\n%s", message, trace)
+        episode.error = message
+        episode.done = True
+        episode.success = False
+        if isinstance(exc, EnvironmentTimeout):
+            self._pool[index] = None  # abandon the hung instance; a fresh one is made next time
+
+    def run(self, rows: Sequence[dict], prompts: Sequence[Any], generate: GenerateFn) -> list[Episode]:
+        """Play one episode per row (rows of one group share their task through ``seed``/``options``)."""
+        for i, env in enumerate(self._pool):
+            if env is None:
+                self._pool[i] = self.env_factory()
+        envs = self._environments(len(rows))
+        limits = self.limits
+        episodes = [Episode(prompt_ids=[]) for _ in rows]
+
+        resets = call_all(
+            [lambda e=env, r=row: e.reset(seed=row_seed(r), options=dict(r)) for env, row in zip(envs, rows)],
+            self.timeout, self.num_workers,
+        )
+        for i, ((result, exc), env, prompt) in enumerate(zip(resets, envs, prompts)):
+            episode = episodes[i]
+            if exc is None:
+                try:
+                    observation, _ = check_reset_result(env, result)
+                except EnvironmentProtocolError as protocol_error:
+                    exc = protocol_error
+            if exc is not None:
+                episode.prompt_ids = self.renderer.prompt_ids(prompt, "")
+                self._fail(episode, i, env, "reset", exc)
+                continue
+            episode.observations.append(observation)
+            episode.prompt_ids = self.renderer.prompt_ids(prompt, observation)
+
+        while True:
+            active = [i for i, e in enumerate(episodes) if not e.done]
+            if not active:
+                break
+            budgets = {}
+            for i in active:
+                episode = episodes[i]
+                remaining = limits.max_completion_length - len(episode.completion_ids)
+                if episode.num_turns >= limits.max_turns or remaining < 1:
+                    episode.truncated, episode.done = True, True
+                    continue
+                budgets[i] = min(limits.max_new_tokens_per_turn, remaining)
+            if not budgets:
+                break
+            order = list(budgets)
+            contexts = [episodes[i].prompt_ids + episodes[i].completion_ids for i in order]
+            tokens, entropies = generate(contexts, max(budgets.values()))
+            actions = {}
+            for k, i in enumerate(order):
+                turn_tokens = list(tokens[k])[: budgets[i]]
+                turn_entropy = None if entropies is None else list(entropies[k])[: len(turn_tokens)]
+                text = self.renderer.action_text(turn_tokens)
+                episodes[i].append_action(turn_tokens, turn_entropy, text)
+                actions[i] = (text, bool(turn_tokens) and turn_tokens[-1] in self.renderer.eos_token_ids)
+
+            steps = call_all([lambda e=envs[i], a=actions[i][0]: e.step(a) for i in order], self.timeout,
+                             self.num_workers)
+            for (result, exc), i in zip(steps, order):
+                episode, env = episodes[i], envs[i]
+                if exc is None:
+                    try:
+                        observation, reward, terminated, truncated, info = check_step_result(env, result)
+                    except EnvironmentProtocolError as protocol_error:
+                        exc = protocol_error
+                if exc is not None:
+                    self._fail(episode, i, env, "step", exc)
+                    continue
+                episode.rewards.append(reward)
+                episode.invalid_actions += int(bool(info.get("invalid_action", False)))
+                if info.get("success", False):
+                    episode.success = True
+                if terminated or truncated:
+                    episode.terminated, episode.truncated = bool(terminated), bool(truncated) and not terminated
+                    episode.done = True
+                    continue
+                observation_ids = self.renderer.observation_ids(observation, actions[i][1])
+                remaining = limits.max_completion_length - len(episode.completion_ids)
+                if len(observation_ids) >= remaining or episode.num_turns >= limits.max_turns:
+                    episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
+                    continue
+                episode.observations.append(observation)
+                episode.append_observation(observation_ids)
+        for episode in episodes:
+            if episode.truncated or episode.error:
+                episode.success = False
+        self.last_error_count = sum(e.error is not None for e in episodes)
+        return episodes
