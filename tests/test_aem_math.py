@@ -240,3 +240,22 @@ def test_token_entropy_from_logits():
     assert token_entropy_from_logits(torch.tensor([2.0, 0.0]), temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         token_entropy_from_logits(uniform, temperature=0.0)
+
+
+def test_per_turn_alpha_by_hand():
+    """Two trajectories of one group (G=2), 2 and 1 turns; the group is all three turns (the paper's rule).
+
+    Turn mean entropies: traj 0 turn 0 = (1 + 3) / 2 = 2.0, traj 0 turn 1 = 1.0, traj 1 turn 0 = (3 + 3) / 2 = 3.0.
+    Htilde = 0.5, 0, 1 -> w = e^-0.5, 1, e^-1; mean(w) = (0.606531 + 1 + 0.367879) / 3 = 0.658137
+    alpha = 0.921588, 1.519441, 0.558971. Advantages: traj 0 = +1, traj 1 = -1.
+    """
+    token_entropy = torch.tensor([[1.0, 3.0, 9.0, 1.0], [3.0, 3.0, 0.0, 0.0]])
+    span_ids = torch.tensor([[0, 0, -1, 1], [0, 0, -1, -1]])  # token 2 of row 0 is an observation token
+    loss_mask = torch.tensor([[1, 1, 0, 1], [1, 1, 0, 0]])
+    table = span_mean_entropy(token_entropy, loss_mask, span_ids)
+    torch.testing.assert_close(table.response_entropy, torch.tensor([2.0, 1.0, 3.0]))
+    alpha = aem_coefficients(table.response_entropy, table.row // 2)
+    torch.testing.assert_close(alpha, torch.tensor([ALPHA0[1], ALPHA0[0], ALPHA0[2]]), rtol=1e-6, atol=1e-6)
+    advantages = modulate_advantages(torch.tensor([1.0, -1.0]), broadcast_span_values(alpha, table.span_index))
+    torch.testing.assert_close(advantages[0, [0, 1, 3]], torch.tensor([ALPHA0[1], ALPHA0[1], ALPHA0[0]]))
+    torch.testing.assert_close(advantages[1, :2], torch.tensor([-ALPHA0[2], -ALPHA0[2]]))

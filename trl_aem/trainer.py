@@ -283,6 +283,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         advantages = output["advantages"]
+        self.aem_base_advantages = advantages.detach().clone()  # GRPO's (B,) advantages of the last scored batch
         if advantages.dim() != 1:
             raise ValueError("AEM expects one base advantage per trajectory (a (B,) tensor) from GRPOTrainer")
         loss_mask = output["completion_mask"]
@@ -325,6 +326,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         mine = (all_row >= row_offset) & (all_row < row_offset + local_rows)
         local_alpha = result.alpha[mine].to(advantages.device)
         token_alpha = broadcast_span_values(local_alpha, table.span_index)
+        self.aem_last_token_alpha = token_alpha  # (B, T) alpha of the last scored batch, for inspection
         return modulate_advantages(advantages, token_alpha)
 
     def _aem_log_metrics(self, mode, result, span_entropy, span_advantage, nonempty) -> None:
