@@ -13,12 +13,28 @@ from .aem import (
     span_mean_entropy,
     token_entropy_from_logits,
 )
+from . import envs  # registers the built-in gymnasium environments (trl_aem/Household-v0, ...)
+from .agents import DEFAULT_PROMPT, EvalResult, evaluate, expert_sft_dataset, make_env_dataset, warm_start
 from .config import AEMGRPOConfig
-from .trainer import AEMGRPOTrainer
+from .rollout import EnvRunner, Episode, EnvironmentProtocolError, ObservationRenderer, RolloutLimits
+from .trainer import AEMGRPOTrainer, env_return
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_PROMPT",
+    "EnvRunner",
+    "EnvironmentProtocolError",
+    "Episode",
+    "EvalResult",
+    "ObservationRenderer",
+    "RolloutLimits",
+    "env_return",
+    "envs",
+    "evaluate",
+    "expert_sft_dataset",
+    "make_env_dataset",
+    "warm_start",
     "AEMGRPOConfig",
     "AEMGRPOTrainer",
     "AEMResult",

@@ -215,6 +215,23 @@ def call_all(calls: list[Callable[[], Any]], timeout: float | None, num_workers:
     return results
 
 
+def initial_messages(prompt: Any, observation: str, system_prompt: str | None = None) -> list[dict]:
+    """The first-turn conversation: ``prompt`` (messages or a string) with ``observation`` appended to its last
+    user message (on a new line), and ``system_prompt`` as a leading system message if it has none."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt] or [{"role": "user", "content": ""}]
+    if system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if messages[-1].get("role") != "user":
+        messages.append({"role": "user", "content": ""})
+    content = messages[-1].get("content") or ""
+    separator = "\n" if content and observation else ""
+    messages[-1] = {**messages[-1], "content": f"{content}{separator}{observation}"}
+    return messages
+
+
 class ObservationRenderer:
     """Renders prompts and observations to token ids: with the tokenizer's chat template, or as plain text.
 
@@ -235,25 +252,11 @@ class ObservationRenderer:
         eos = tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
-    def _messages(self, prompt: Any, observation: str) -> list[dict]:
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            messages = [dict(m) for m in prompt] or [{"role": "user", "content": ""}]
-        if self.system_prompt and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
-        if messages[-1].get("role") != "user":
-            messages.append({"role": "user", "content": ""})
-        content = messages[-1].get("content") or ""
-        separator = "\n" if content and observation else ""
-        messages[-1] = {**messages[-1], "content": f"{content}{separator}{observation}"}
-        return messages
-
     def prompt_text(self, prompt: Any, observation: str) -> str:
         """The prompt text for the first turn (conversation + first observation)."""
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(
-                self._messages(prompt, observation), tokenize=False, add_generation_prompt=True,
+                initial_messages(prompt, observation, self.system_prompt), tokenize=False, add_generation_prompt=True,
                 **self.chat_template_kwargs,
             )
         if not isinstance(prompt, str):

@@ -1,0 +1,189 @@
+"""Offline, deterministic-by-seed text environments for multi-turn agentic RL.
+
+Importing this module registers three gymnasium ids (see :data:`BUILTIN_ENVS`):
+
+* ``trl_aem/Household-v0`` -> :class:`Household` (ALFWorld-like pick / clean / heat / cool and place),
+* ``trl_aem/Shop-v0`` -> :class:`Shop` (WebShop-like search, click, choose options, buy),
+* ``trl_aem/CodeBreaker-v0`` -> :class:`CodeBreaker` (Mastermind-like code breaking).
+
+All three take text actions and return text observations written in a tiny, regular language
+(lowercase words, digits, and the punctuation ``: , . ( ) -`` as separate tokens), so that a
+word-level tokenizer can be built from :func:`env_vocabulary`. Rewards are sparse: 10.0 for
+success on the final step (Shop: ``10 * score`` on ``buy``), minus ``invalid_action_penalty`` for an
+invalid action. ``reset(seed=s, options=row)`` fixes the task; ``info["success"]`` and
+``info["invalid_action"]`` are set on every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import gymnasium as gym
+
+from .base import (
+    ACTIONS_PREFIX,
+    PUNCTUATION,
+    TextEnv,
+    normalize_action,
+    parse_listed_actions,
+    split_words,
+)
+from .codebreaker import CodeBreaker
+from .household import Household
+from .shop import Product, Shop, ShopGoal, score_purchase
+
+__all__ = [
+    "ACTIONS_PREFIX",
+    "BUILTIN_ENVS",
+    "PUNCTUATION",
+    "CodeBreaker",
+    "Household",
+    "Product",
+    "Shop",
+    "ShopGoal",
+    "TextEnv",
+    "env_class",
+    "env_vocabulary",
+    "expert_trajectories",
+    "normalize_action",
+    "parse_listed_actions",
+    "random_policy_action",
+    "register_envs",
+    "score_purchase",
+    "split_words",
+]
+
+#: Short name -> gymnasium id of the built-in environments.
+BUILTIN_ENVS: dict[str, str] = {
+    "household": "trl_aem/Household-v0",
+    "shop": "trl_aem/Shop-v0",
+    "codebreaker": "trl_aem/CodeBreaker-v0",
+}
+
+_ENTRY_POINTS: dict[str, str] = {
+    "trl_aem/Household-v0": "trl_aem.envs.household:Household",
+    "trl_aem/Shop-v0": "trl_aem.envs.shop:Shop",
+    "trl_aem/CodeBreaker-v0": "trl_aem.envs.codebreaker:CodeBreaker",
+}
+
+_CLASSES: dict[str, type[TextEnv]] = {
+    "trl_aem/Household-v0": Household,
+    "trl_aem/Shop-v0": Shop,
+    "trl_aem/CodeBreaker-v0": CodeBreaker,
+}
+
+
+def register_envs() -> None:
+    """Register the built-in ids with gymnasium (idempotent: already registered ids are skipped)."""
+    for env_id, entry_point in _ENTRY_POINTS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=entry_point)
+
+
+register_envs()
+
+
+def env_class(env_id: str) -> type[TextEnv]:
+    """The environment class behind a built-in id or short name (``"shop"`` or ``"trl_aem/Shop-v0"``)."""
+    env_id = BUILTIN_ENVS.get(env_id, env_id)
+    if env_id in _CLASSES:
+        return _CLASSES[env_id]
+    spec = gym.spec(env_id)
+    cls = spec.entry_point
+    if isinstance(cls, str):
+        module, _, name = cls.partition(":")
+        import importlib
+
+        cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, TextEnv)):
+        raise ValueError(f"{env_id!r} is not a trl_aem text environment")
+    return cls
+
+
+def env_vocabulary(env_id: str, **kwargs: Any) -> list[str]:
+    """Every word the environment can emit in observations or accept as a valid action.
+
+    Args:
+        env_id: a gymnasium id (``"trl_aem/Shop-v0"``) or short name (``"shop"``).
+        **kwargs: the difficulty keyword arguments the environment is built with.
+
+    Returns:
+        The sorted word list of ``<EnvClass>.vocabulary(**kwargs)``.
+    """
+    return env_class(env_id).vocabulary(**kwargs)
+
+
+def random_policy_action(env: gym.Env) -> str:
+    """A random executable action for the env's current state, drawn with the env's ``np_random``.
+
+    Picks uniformly among the actions listed at the end of the last observation (equivalently
+    ``env.unwrapped.admissible_actions()``); where nothing is listed (e.g. a large CodeBreaker code
+    space) it falls back to ``env.unwrapped.random_valid_action()``.
+
+    Args:
+        env: a (possibly wrapped) built-in environment that has been reset.
+    """
+    base = env.unwrapped
+    if not isinstance(base, TextEnv):
+        raise TypeError("random_policy_action needs a trl_aem text environment")
+    actions = parse_listed_actions(base.last_observation) or base.admissible_actions()
+    if actions:
+        return actions[int(base.np_random.integers(len(actions)))]
+    return base.random_valid_action()
+
+
+def expert_trajectories(
+    env_id: str,
+    seeds: Iterable[int],
+    env_kwargs: dict[str, Any] | None = None,
+    max_turns: int = 50,
+    options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Roll out the scripted expert, e.g. to build a supervised warm-start dataset.
+
+    Args:
+        env_id: a built-in id (or short name) or any registered id whose env has ``expert_action``.
+        seeds: one episode per seed (``reset(seed=seed, options=options)``).
+        env_kwargs: keyword arguments for ``gymnasium.make`` (difficulty knobs).
+        max_turns: stop an episode after this many actions.
+        options: passed to every ``reset`` (e.g. an explicit task).
+
+    Returns:
+        One dict per seed: ``seed``, ``task`` (the task sentence), ``steps`` (list of
+        ``(observation, action)`` pairs: each action is the expert's answer to that observation),
+        ``final_observation``, ``rewards`` (per step), ``return`` (sum of rewards), ``success``
+        (bool) and ``num_turns``.
+    """
+    env = gym.make(BUILTIN_ENVS.get(env_id, env_id), **(env_kwargs or {}))
+    out: list[dict[str, Any]] = []
+    try:
+        for seed in seeds:
+            obs, info = env.reset(seed=int(seed), options=options)
+            task = info.get("task", "")
+            steps: list[tuple[str, str]] = []
+            rewards: list[float] = []
+            success = False
+            for _ in range(max_turns):
+                action = env.unwrapped.expert_action()
+                steps.append((obs, action))
+                obs, reward, terminated, truncated, info = env.step(action)
+                rewards.append(float(reward))
+                success = bool(info.get("success", False))
+                if terminated or truncated:
+                    break
+            out.append(
+                {
+                    "seed": int(seed),
+                    "task": task,
+                    "steps": steps,
+                    "final_observation": obs,
+                    "rewards": rewards,
+                    "return": float(sum(rewards)),
+                    "success": success,
+                    "num_turns": len(steps),
+                }
+            )
+    finally:
+        env.close()
+    return out
