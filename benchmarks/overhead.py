@@ -34,6 +34,11 @@ the arm holds the baton but outside its clock. Each thread also runs its trainer
 loader) while holding the baton, and the first ``--warmup`` steps of each arm are left out of the statistics.
 The torch, Python and NumPy random states are swapped per arm at every hand-over, so each arm sees the same
 random stream it would see if it ran alone (its first step samples exactly the completions the other's does).
+An arm whose ``train()`` has returned keeps its thread blocked until the other arm is done too: a thread that
+exits (tearing down its OpenMP pool) was seen to slow the other arm's next step down several-fold. The very first
+step of a mode (always the GRPO arm's) is several times slower than the others (one-off process warm-up); the
+``--warmup`` steps take it out. ``--aa`` runs an A/A control (both arms the base method) to see the benchmark's
+own bias and noise on the machine at hand.
 
 Driving ``trainer.training_step`` by hand would also interleave, but would have to re-implement the optimizer,
 scheduler and clipping part of the loop; calling ``train()`` repeatedly would rebuild the optimizer and data
@@ -70,6 +75,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import gymnasium  # noqa: E402
@@ -92,7 +98,7 @@ SEED = 1234
 TASK_WORDS = ["say", "even", "odd", "words", "done"]
 
 FULL = dict(hidden_size=512, layers=8, heads=8, kv_heads=2, intermediate_size=1408, vocab_size=32000,
-            completion_length=64, turns=4, tokens_per_turn=16, steps=12, warmup=2)
+            completion_length=64, turns=4, tokens_per_turn=16, steps=10, warmup=2)
 QUICK = dict(hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=352, vocab_size=4096,
              completion_length=16, turns=3, tokens_per_turn=6, steps=3, warmup=1)
 
@@ -345,7 +351,7 @@ def build_single(opts, sizes, tokenizer, output_dir: str) -> dict:
     grpo = trl.GRPOTrainer(model=build_model(tokenizer, sizes), reward_funcs=parity_reward,
                            args=trl.GRPOConfig(**args), train_dataset=dataset, processing_class=tokenizer)
     aem = AEMGRPOTrainer(model=build_model(tokenizer, sizes), reward_funcs=parity_reward,
-                         args=AEMGRPOConfig(**args, use_aem=True, aem_min_entropy_range=0.0),
+                         args=AEMGRPOConfig(**args, use_aem=not opts.aa, aem_min_entropy_range=0.0),
                          train_dataset=dataset, processing_class=tokenizer)
     return {"GRPO": grpo, "AEM": aem}
 
@@ -364,7 +370,8 @@ def build_multi(opts, sizes, tokenizer, output_dir: str) -> dict:
         return ParityEnv(turns=turns)
 
     return {
-        arm: AEMGRPOTrainer(model=build_model(tokenizer, sizes), args=AEMGRPOConfig(**args, use_aem=(arm == "AEM")),
+        arm: AEMGRPOTrainer(model=build_model(tokenizer, sizes),
+                            args=AEMGRPOConfig(**args, use_aem=(arm == "AEM" and not opts.aa)),
                             train_dataset=dataset, processing_class=tokenizer, env=env)
         for arm in ARMS
     }
@@ -378,7 +385,7 @@ def run_mode(mode: str, opts, sizes, tokenizer) -> dict:
             for cb in (PrinterCallback, ProgressCallback):
                 trainer.remove_callback(cb)
         params = sum(p.numel() for p in trainers["AEM"].model.parameters())
-        source = trainers["AEM"].aem_entropy_source
+        source = trainers["AEM"].aem_entropy_source if trainers["AEM"].args.use_aem else "none (use_aem=False)"
 
         total = opts.warmup + opts.steps
         schedule = []
@@ -485,6 +492,8 @@ def print_report(summaries: list[dict], opts, sizes) -> None:
     print(f"batch: {opts.batch_size} completions per step, {opts.num_generations} per group; single-turn "
           f"{sizes['completion_length']} tokens per completion; multi-turn {sizes['turns']} turns x "
           f"{sizes['tokens_per_turn']} tokens; warm-up {opts.warmup} steps per arm (excluded), order ABBA")
+    if opts.aa:
+        print("A/A CONTROL RUN (--aa): the 'AEM' arm runs the base method too; the ratio should be 1.0")
     print()
     header = (f"{'mode':<7}{'params':>9}{'steps':>7}{'GRPO median [IQR] s':>25}{'AEM median [IQR] s':>25}"
               f"{'ratio':>8}{'paired ratio [IQR]':>24}{'AEM own':>9}")
@@ -536,7 +545,10 @@ def write_plot(path: str, results: list[dict], warmup: int) -> None:
             times = result["records"][arm].step_times
             ax.plot(range(1, len(times) + 1), times, marker=marker, label=arm)
         if warmup:
-            ax.axvspan(0.5, warmup + 0.5, color="grey", alpha=0.2, label="warm-up")
+            ax.axvspan(0.5, warmup + 0.5, color="grey", alpha=0.2, label="warm-up (off scale if higher)")
+        measured = [t for arm in ARMS for t in result["records"][arm].step_times[warmup:]]
+        if measured:
+            ax.set_ylim(0, 1.25 * max(measured))
         ax.set_title(f"{result['mode']}-turn ({result['params'] / 1e6:.1f}M parameters)")
         ax.set_xlabel("step")
         ax.set_ylabel("step time (s)")
@@ -553,20 +565,24 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model, few steps (a smoke check, < 2 minutes)")
     parser.add_argument("--mode", choices=("single", "multi", "both"), default="both")
-    parser.add_argument("--steps", type=int, help="measured steps per arm and mode (default 12; quick 3)")
+    parser.add_argument("--steps", type=int, help="measured steps per arm and mode (default 10; quick 3)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per arm, excluded (default 2; quick 1)")
     parser.add_argument("--hidden-size", type=int, help="default 512 (quick 128)")
     parser.add_argument("--layers", type=int, help="default 8 (quick 2)")
     parser.add_argument("--heads", type=int, help="attention heads (default 8; quick 4)")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default 2)")
     parser.add_argument("--intermediate-size", type=int, help="MLP width (default 1408; quick 352)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary, padded with dummy words (default 32000; quick 4096)")
-    parser.add_argument("--completion-length", type=int, help="single-turn tokens per completion (default 64; quick 16)")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary incl. dummy words (default 32000; quick 4096)")
+    parser.add_argument("--completion-length", type=int,
+                        help="single-turn tokens per completion (default 64; quick 16)")
     parser.add_argument("--turns", type=int, help="multi-turn: turns per episode (default 4; quick 3)")
     parser.add_argument("--tokens-per-turn", type=int, help="multi-turn: tokens per turn (default 16; quick 6)")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (default 8)")
     parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt (default 4)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--aa", action="store_true",
+                        help="A/A control: the 'AEM' arm runs with use_aem=False too, so the ratio shows the "
+                             "benchmark's own bias and noise (expect 1.0)")
     parser.add_argument("--csv", metavar="PATH", help="write per-step times to this CSV file")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of step times per arm (needs matplotlib)")
     opts = parser.parse_args(argv)
@@ -586,6 +602,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(SEED)
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' gradient_checkpointing renames
     tokenizer = build_tokenizer(sizes["vocab_size"])
     sizes["vocab_size"] = len(tokenizer)
     modes = ["single", "multi"] if opts.mode == "both" else [opts.mode]

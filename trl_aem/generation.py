@@ -74,7 +74,8 @@ def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_conf
             attention_mask[row, width - len(context):] = 1
         config = copy.deepcopy(generation_config)
         config.max_new_tokens = max_new_tokens
-        config.min_new_tokens = None
+        if config.min_new_tokens is not None:  # a user's minimum applies per turn, within the turn's budget
+            config.min_new_tokens = min(config.min_new_tokens, max_new_tokens)
         recorder = GenerationEntropyRecorder(temperature)
         with torch.no_grad(), (recorder.attached(hooked) if record_entropy else _null()):
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

@@ -9,6 +9,7 @@ with :func:`trl_aem.aem.aem_modulation` over whole groups gathered from every pr
 
 from __future__ import annotations
 
+import copy
 import textwrap
 import warnings
 from typing import Any
@@ -96,6 +97,7 @@ class AEMGRPOTrainer(GRPOTrainer):
                 raise TypeError(f"args must be an AEMGRPOConfig (or a GRPOConfig), got {type(args).__name__}")
             args = AEMGRPOConfig.from_grpo_config(args)
         if env is not None:
+            args = copy.copy(args)  # the env reward's weight is prepended below; leave the caller's config alone
             reward_funcs = self._check_env_arguments(args, train_dataset, reward_funcs, tools, rollout_func,
                                                      environment_factory)
         super().__init__(
