@@ -1,0 +1,59 @@
+"""Several processes (accelerate + torchrun, gloo on CPU): AEM's groups and statistics span processes.
+
+`accelerate launch --multi_gpu --num_processes 2` on a machine without a GPU starts 2 CPU processes with the gloo
+backend (accelerate's `--cpu` flag would need MPI for several processes).
+
+A group of 4 generations is split over 2 processes; each process's alphas and advantages must equal a single-process
+computation on the concatenated batch.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_aem import aem_coefficients, span_mean_entropy
+
+SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_scoring.py"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert launcher, "accelerate's launcher is not installed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(SCRIPT), str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+
+    # Single-process computation on the concatenated batch (pad completions to one width).
+    width = max(r["entropy"].size(1) for r in ranks)
+
+    def pad(t, value=0):
+        return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)
+
+    entropy = torch.cat([pad(r["entropy"]) for r in ranks])
+    loss_mask = torch.cat([pad(r["loss_mask"]) for r in ranks])
+    base = torch.cat([r["base_advantages"] for r in ranks])
+    table = span_mean_entropy(entropy, loss_mask)
+    alpha = aem_coefficients(table.response_entropy, table.row // 4, min_range=0.0)
+    assert alpha.std() > 0  # the group is modulated, so the comparison is not vacuous
+    for r, data in enumerate(ranks):
+        mask = data["loss_mask"].bool()
+        for local_row in range(2):
+            row = 2 * r + local_row
+            expected_alpha = alpha[row].expand(int(mask[local_row].sum()))
+            torch.testing.assert_close(data["token_alpha"][local_row][mask[local_row]], expected_alpha)
+            torch.testing.assert_close(data["advantages"][local_row][mask[local_row]], base[row] * expected_alpha)
+    # Both processes log the same (global) statistics.
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert ranks[0]["metrics"]["aem/alpha_mean"] == pytest.approx(1.0, abs=1e-6)
