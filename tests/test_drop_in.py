@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parent / "scripts" / "plain_grpo.py"
 
 
@@ -16,6 +18,7 @@ def run(source: str, tmp_path: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_swapping_the_two_class_names_gives_aem(tmp_path):
     source = SCRIPT.read_text()
     plain = run(source, tmp_path)
