@@ -35,10 +35,11 @@ import gymnasium
 
 logger = logging.getLogger(__name__)
 
-#: ``generate(contexts, max_new_tokens) -> (tokens, entropies)``: for every context (a list of token ids), the
-#: sampled continuation (up to and including its EOS token, if any) and the entropy at each sampled position
-#: (``None`` when the backend does not provide entropies).
-GenerateFn = Callable[[list[list[int]], int], tuple[list[list[int]], list[list[float]] | None]]
+#: ``generate(contexts, max_new_tokens) -> (tokens, entropies)`` or ``(tokens, entropies, logprobs)``: for every
+#: context (a list of token ids), the sampled continuation (up to and including its EOS token, if any), the entropy
+#: at each sampled position (``None`` when the backend does not provide entropies) and, optionally, the sampling
+#: log-probability of each sampled token (vLLM gives them; TRL's importance-sampling correction needs them).
+GenerateFn = Callable[[list[list[int]], int], tuple]
 
 
 class EnvironmentProtocolError(TypeError):
@@ -73,6 +74,7 @@ class Episode:
     env_mask: list[int] = field(default_factory=list)  # 1 for generated tokens, 0 for observation tokens
     span_ids: list[int] = field(default_factory=list)  # turn index for generated tokens, -1 for observations
     token_entropy: list[float] = field(default_factory=list)  # entropy of generated tokens, 0 for observations
+    token_logprobs: list[float] = field(default_factory=list)  # sampling logprob of generated tokens, NaN otherwise
     actions: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)  # observations[0] is the one from reset
     rewards: list[float] = field(default_factory=list)
@@ -93,13 +95,15 @@ class Episode:
         """Number of actions the agent took."""
         return len(self.actions)
 
-    def append_action(self, tokens: Sequence[int], entropies: Sequence[float] | None, text: str) -> None:
+    def append_action(self, tokens: Sequence[int], entropies: Sequence[float] | None, text: str,
+                      logprobs: Sequence[float] | None = None) -> None:
         """Append one generated turn (a whole span)."""
         turn = len(self.actions)
         self.completion_ids.extend(tokens)
         self.env_mask.extend([1] * len(tokens))
         self.span_ids.extend([turn] * len(tokens))
         self.token_entropy.extend(list(entropies) if entropies is not None else [0.0] * len(tokens))
+        self.token_logprobs.extend(list(logprobs) if logprobs is not None else [float("nan")] * len(tokens))
         self.actions.append(text)
 
     def append_observation(self, tokens: Sequence[int]) -> None:
@@ -108,6 +112,7 @@ class Episode:
         self.env_mask.extend([0] * len(tokens))
         self.span_ids.extend([-1] * len(tokens))
         self.token_entropy.extend([0.0] * len(tokens))
+        self.token_logprobs.extend([float("nan")] * len(tokens))
 
 
 def make_env_factory(env: str | Callable[[], gymnasium.Env], env_kwargs: dict | None = None) -> Callable[[], Any]:
@@ -342,8 +347,15 @@ class EnvRunner:
         if isinstance(exc, EnvironmentTimeout):
             self._pool[index] = None  # abandon the hung instance; a fresh one is made next time
 
-    def run(self, rows: Sequence[dict], prompts: Sequence[Any], generate: GenerateFn) -> list[Episode]:
-        """Play one episode per row (rows of one group share their task through ``seed``/``options``)."""
+    def run(self, rows: Sequence[dict], prompts: Sequence[Any], generate: GenerateFn,
+            sync: Callable[[int], int] | None = None) -> list[Episode]:
+        """Play one episode per row (rows of one group share their task through ``seed``/``options``).
+
+        ``sync``, for generation backends whose ``generate`` is a collective call across processes (vLLM): given
+        this process's largest token budget for the next turn (0 when none of its episodes is active), it returns
+        the largest over all processes; every process then calls ``generate`` (possibly with no context) until all
+        processes are done, so the calls stay in step.
+        """
         for i, env in enumerate(self._pool):
             if env is None:
                 self._pool[i] = self.env_factory()
@@ -371,8 +383,6 @@ class EnvRunner:
 
         while True:
             active = [i for i, e in enumerate(episodes) if not e.done]
-            if not active:
-                break
             budgets = {}
             for i in active:
                 episode = episodes[i]
@@ -381,18 +391,25 @@ class EnvRunner:
                     episode.truncated, episode.done = True, True
                     continue
                 budgets[i] = min(limits.max_new_tokens_per_turn, remaining)
-            if not budgets:
+            local_budget = max(budgets.values(), default=0)
+            global_budget = sync(local_budget) if sync is not None else local_budget
+            if global_budget == 0:
                 break
             order = list(budgets)
             contexts = [episodes[i].prompt_ids + episodes[i].completion_ids for i in order]
-            tokens, entropies = generate(contexts, max(budgets.values()))
+            generated = generate(contexts, global_budget)
+            tokens, entropies = generated[0], generated[1]
+            logprobs = generated[2] if len(generated) > 2 else None
             actions = {}
             for k, i in enumerate(order):
                 turn_tokens = list(tokens[k])[: budgets[i]]
                 turn_entropy = None if entropies is None else list(entropies[k])[: len(turn_tokens)]
+                turn_logprobs = None if logprobs is None else list(logprobs[k])[: len(turn_tokens)]
                 text = self.renderer.action_text(turn_tokens)
-                episodes[i].append_action(turn_tokens, turn_entropy, text)
+                episodes[i].append_action(turn_tokens, turn_entropy, text, turn_logprobs)
                 actions[i] = (text, bool(turn_tokens) and turn_tokens[-1] in self.renderer.eos_token_ids)
+            if not order:
+                continue  # this process is done; it joined the collective generate call for the others
 
             steps = call_all([lambda e=envs[i], a=actions[i][0]: e.step(a) for i in order], self.timeout,
                              self.num_workers)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -143,11 +144,6 @@ class AEMGRPOTrainer(GRPOTrainer):
                             ("environment_factory", environment_factory)):
             if value:
                 raise ValueError(f"env= runs its own multi-turn rollouts and cannot be combined with {name}=")
-        if args.use_vllm:
-            raise ValueError(
-                "env= rollouts generate with transformers; use_vllm=True is not supported with env= yet "
-                "(set use_vllm=False)"
-            )
         columns = getattr(train_dataset, "column_names", None)
         if columns is not None and "prompt" not in columns:
             raise ValueError(
@@ -174,7 +170,7 @@ class AEMGRPOTrainer(GRPOTrainer):
     def _generation_recordable(self) -> bool:
         """Whether completions come from ``transformers`` ``generate`` calls we can hook (ours or TRL's)."""
         if self.env_runner is not None:
-            return True
+            return not self.use_vllm
         return not (self.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func)
 
     def _resolve_entropy_source(self) -> str:
@@ -362,6 +358,11 @@ class AEMGRPOTrainer(GRPOTrainer):
         rows = self._env_rows
         if rows is None or len(rows) != len(prompts):
             raise RuntimeError("internal: environment rows and prompts are out of step")
+        if self.use_vllm:
+            # TRL syncs the vLLM weights before calling a rollout_func; every process calls generate once per turn
+            # until all processes are done, since vLLM's generate gathers prompts across processes.
+            episodes = self.env_runner.run(rows, prompts, self._vllm_generate_fn(), sync=self._max_over_processes)
+            return self._env_rollout_output(episodes, record=False, with_logprobs=True)
         record = self.args.use_aem and self.aem_entropy_source == "generation"
         with (
             unwrap_model_for_generation(
@@ -379,17 +380,23 @@ class AEMGRPOTrainer(GRPOTrainer):
                 temperature=self.temperature, record_entropy=record,
             )
             episodes = self.env_runner.run(rows, prompts, generate)
+        return self._env_rollout_output(episodes, record=record, with_logprobs=False)
+
+    def _env_rollout_output(self, episodes, record: bool, with_logprobs: bool) -> dict[str, list]:
+        """TRL's rollout_func output for played episodes (plus the episode fields reward functions receive)."""
         eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.pad_token_id
-        completion_ids, env_mask, span_ids = [], [], []
+        completion_ids, env_mask, span_ids, logprobs = [], [], [], []
         for episode in episodes:
             if episode.completion_ids:
                 completion_ids.append(episode.completion_ids)
                 env_mask.append(episode.env_mask)
                 span_ids.append(episode.span_ids)
+                logprobs.append(episode.token_logprobs)
             else:  # no turn was played (reset failed): one masked token, so TRL's batch stays well-formed
                 completion_ids.append([eos])
                 env_mask.append([0])
                 span_ids.append([-1])
+                logprobs.append([float("nan")])
         if record:
             self._aem_generation_entropy = [
                 torch.tensor(e.token_entropy if e.completion_ids else [0.0], dtype=torch.float32) for e in episodes
@@ -397,7 +404,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         return {
             "prompt_ids": [e.prompt_ids for e in episodes],
             "completion_ids": completion_ids,
-            "logprobs": None,
+            "logprobs": logprobs if with_logprobs else None,
             "env_mask": env_mask,
             "aem_span_ids": span_ids,
             "env_return": [e.episode_return for e in episodes],
@@ -407,6 +414,39 @@ class AEMGRPOTrainer(GRPOTrainer):
             "env_truncated": [bool(e.truncated) for e in episodes],
             "env_error": [e.error for e in episodes],
         }
+
+    def _vllm_generate_fn(self):
+        """A rollout ``GenerateFn`` over TRL's vLLM generation (server or colocate), one turn per call."""
+        vllm_generation = self.vllm_generation
+        eos = set(self.eos_token_ids)
+
+        def generate(contexts: list[list[int]], max_new_tokens: int):
+            collective = vllm_generation.mode == "server" or vllm_generation.tensor_parallel_size > 1
+            if not contexts and not collective:
+                return [], None, []
+            saved = vllm_generation.max_completion_length
+            vllm_generation.max_completion_length = max_new_tokens  # read by generate() as the turn's max_tokens
+            try:
+                _, completion_ids, logprobs, _ = vllm_generation.generate(
+                    prompts=contexts, images=None, num_generations=1,
+                    profiler=profiling_context(self, "vLLM.generate"),
+                )
+            finally:
+                vllm_generation.max_completion_length = saved
+            tokens, token_logprobs = [], []
+            for ids, lps in zip(completion_ids, logprobs):
+                ids = list(ids)
+                end = next((j + 1 for j, token in enumerate(ids) if token in eos), len(ids))
+                tokens.append(ids[:end])
+                token_logprobs.append([float("nan") if lp[0] is None else float(lp[0]) for lp in lps[:end]])
+            return tokens, None, token_logprobs
+
+        return generate
+
+    def _max_over_processes(self, value: int) -> int:
+        """The largest ``value`` over all processes (keeps collective generation calls in step)."""
+        local = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
+        return int(self.accelerator.gather(local).max().item())
 
     @staticmethod
     def _env_span_ids(inputs: list[dict], completion_ids: torch.Tensor) -> torch.Tensor:
