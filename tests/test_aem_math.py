@@ -259,3 +259,14 @@ def test_per_turn_alpha_by_hand():
     advantages = modulate_advantages(torch.tensor([1.0, -1.0]), broadcast_span_values(alpha, table.span_index))
     torch.testing.assert_close(advantages[0, [0, 1, 3]], torch.tensor([ALPHA0[1], ALPHA0[1], ALPHA0[0]]))
     torch.testing.assert_close(advantages[1, :2], torch.tensor([-ALPHA0[2], -ALPHA0[2]]))
+
+
+def test_span_ids_from_mask_numbers_generated_runs():
+    from trl_aem import span_ids_from_mask
+
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
+    assert span_ids_from_mask(mask).tolist() == [
+        [0, 0, -1, -1, 1, 1, -1],
+        [-1, 0, -1, 1, -1, 2, 2],
+        [-1, -1, -1, -1, -1, -1, -1],
+    ]

@@ -121,3 +121,15 @@ def test_env_argument_errors(tmp_path, say_tokenizer):
                          ("env_kwargs", "not json")):
         with pytest.raises(ValueError, match=field):
             env_args(tmp_path, **{field: value})
+
+
+def test_errored_episodes_get_zero_advantage_even_with_other_rewards(tmp_path, say_tokenizer):
+    def length_reward(completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    trainer = make_trainer(tmp_path, say_tokenizer, env=RaisingEnv, reward_funcs=[length_reward])
+    trainer.model.train()
+    rows = [env_dataset()[0] for _ in range(trainer.num_generations)]
+    output = trainer._generate_and_score_completions(rows)
+    assert all(row["env_error"] for row in rows)
+    assert output["advantages"].abs().sum() == 0

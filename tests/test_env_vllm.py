@@ -97,3 +97,22 @@ def test_collective_generation_stays_in_step_when_this_process_is_done():
     assert episode.success and episode.num_turns == 1
     assert len(generate.calls) == 4  # turn 1 with our context, then 3 empty calls until everyone is done
     assert [n for n, _ in generate.calls] == [1, 0, 0, 0]
+
+
+def test_vllm_prompts_are_padded_to_the_same_count_on_every_process(tmp_path):
+    """TRL slices vLLM's answers by process assuming equal prompt counts: a process with fewer active episodes pads."""
+    tokenizer = build_word_tokenizer(WORDS + ["say", "wrong", "done"])
+    model = build_tiny_qwen2(tokenizer, hidden_size=32)
+    args = AEMGRPOConfig(**base_args(tmp_path, max_completion_length=64, env_max_turns=3, env_max_new_tokens_per_turn=4))
+    trainer = AEMGRPOTrainer(model=model, args=args, train_dataset=env_dataset(), processing_class=tokenizer,
+                             env=SayEnv)
+    fake = FakeVLLMGeneration(trainer.model, tokenizer, trainer.temperature)
+    trainer.vllm_generation = fake
+    trainer._max_over_processes = lambda value: max(value, 3)  # another process has 3 active episodes
+    generate = trainer._vllm_generate_fn()
+    context = tokenizer("say red", add_special_tokens=False)["input_ids"]
+    tokens, entropies, logprobs = generate([context], 4)
+    assert fake.calls == [(3, 4)]  # 1 real + 2 dummy prompts
+    assert len(tokens) == 1 and len(logprobs) == 1 and len(logprobs[0]) == len(tokens[0]) and entropies is None
+    tokens, _, _ = generate([], 4)  # done here, still joins the call
+    assert tokens == [] and fake.calls[-1] == (3, 4)

@@ -10,6 +10,7 @@ from .aem import (
     aem_modulation,
     broadcast_span_values,
     modulate_advantages,
+    span_ids_from_mask,
     span_mean_entropy,
     token_entropy_from_logits,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "aem_modulation",
     "broadcast_span_values",
     "modulate_advantages",
+    "span_ids_from_mask",
     "span_mean_entropy",
     "token_entropy_from_logits",
 ]

@@ -134,6 +134,18 @@ def span_mean_entropy(
     )
 
 
+def span_ids_from_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Number the contiguous runs of 1s in each row of a ``(B, T)`` loss mask: 0, 1, 2, ... (-1 outside runs).
+
+    For trajectories whose generated turns are separated by masked tool/environment tokens (TRL's ``tool_mask``,
+    a ``rollout_func``'s ``env_mask``), each run is one generated turn, i.e. one AEM span.
+    """
+    mask = loss_mask.bool()
+    starts = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    run_index = torch.cumsum(starts.long(), dim=1) - 1
+    return torch.where(mask, run_index, torch.full_like(run_index, -1))
+
+
 def _validate(response_entropy, group_index, lam, min_range, scope, direction, trajectory_index):
     if not isinstance(response_entropy, torch.Tensor) or response_entropy.dim() != 1:
         raise ValueError("response_entropy must be a 1-D tensor with one mean entropy per span")

@@ -142,7 +142,7 @@ def _play_text_policy(env: Any, row: dict, policy: Callable[[str, Any], str], ma
     for turns in range(1, max_turns + 1):
         observation, reward, terminated, trunc, info = env.step(policy(observation, env))
         total += float(reward)
-        success = bool(info.get("success", False))
+        success = success or bool(info.get("success", False))  # as EnvRunner: any step reporting success
         if terminated or trunc:
             truncated = bool(trunc) and not terminated
             break

@@ -48,7 +48,7 @@ def causal_lm_module(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_config, temperature: float = 1.0,
-                        record_entropy: bool = True):
+                        record_entropy: bool = True, run_when_empty: bool = False):
     """A :data:`trl_aem.rollout.GenerateFn` over ``model.generate``: one left-padded batch per call.
 
     Args:
@@ -58,13 +58,20 @@ def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_conf
         generation_config: the ``GenerationConfig`` to sample with (copied; ``max_new_tokens`` set per call).
         temperature: the sampling temperature, for the recorded entropies.
         record_entropy: record per-token entropies (returned as lists of floats) or return ``None``.
+        run_when_empty: still call ``generate`` (on one dummy context) when there is no context, for synchronised
+            generation across processes (ZeRO-3/FSDP), where every process must make the same calls.
     """
     eos = set(eos_token_ids if isinstance(eos_token_ids, (list, tuple, set)) else [eos_token_ids]) - {None}
     hooked = causal_lm_module(model)
 
     def generate(contexts: list[list[int]], max_new_tokens: int):
         if not contexts:
-            return [], []
+            if run_when_empty:
+                _generate_batch([[pad_token_id]], max_new_tokens)
+            return [], ([] if record_entropy else None)
+        return _generate_batch(contexts, max_new_tokens)
+
+    def _generate_batch(contexts: list[list[int]], max_new_tokens: int):
         device = next(model.parameters()).device
         width = max(len(c) for c in contexts)
         input_ids = torch.full((len(contexts), width), pad_token_id, dtype=torch.long)

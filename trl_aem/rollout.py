@@ -324,6 +324,7 @@ class EnvRunner:
         self.raise_on_error = raise_on_error
         self._pool: list[Any] = []
         self._logged_errors: set[str] = set()
+        self._warned_no_seed = False
         self.last_error_count = 0
 
     def _environments(self, count: int) -> list[Any]:
@@ -359,6 +360,12 @@ class EnvRunner:
         for i, env in enumerate(self._pool):
             if env is None:
                 self._pool[i] = self.env_factory()
+        if rows and any(row.get("seed") is None for row in rows) and not self._warned_no_seed:
+            self._warned_no_seed = True
+            logger.warning(
+                "Dataset rows have no 'seed' column: each task's seed is a hash of its row, so rows that differ only "
+                "in a shared prompt all play the same task. Add a 'seed' column (trl_aem.make_env_dataset does)."
+            )
         envs = self._environments(len(rows))
         limits = self.limits
         episodes = [Episode(prompt_ids=[]) for _ in rows]

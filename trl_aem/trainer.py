@@ -20,7 +20,7 @@ from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 
-from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_mean_entropy
+from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_ids_from_mask, span_mean_entropy
 from .config import AEMGRPOConfig
 from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, make_env_factory
@@ -182,6 +182,8 @@ class AEMGRPOTrainer(GRPOTrainer):
                 "use_vllm=True (importance sampling correction) or when gradient_accumulation_steps is not a multiple "
                 "of steps_per_generation * num_iterations. Allowed here: 'auto', 'generation', 'extra_pass'."
             )
+        if (self.generation_kwargs or {}).get("prefill_chunk_size") and recordable:
+            recordable = False  # chunked prefill runs several forwards before the first token: recording would shift
         if requested == "generation" and not recordable:
             raise ValueError(
                 "aem_entropy_source='generation' records entropies from transformers.generate, which this configuration "
@@ -232,6 +234,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         if not self.args.use_aem:
             output = super()._generate_and_score_completions(inputs)
             self._env_log_metrics(inputs)
+            self._env_zero_failed_episodes(inputs, output)
             return output
         self._aem_token_entropy = None
         self._aem_generation_entropy = None
@@ -241,8 +244,14 @@ class AEMGRPOTrainer(GRPOTrainer):
         finally:
             self._aem_capture_old_pass = False
         self._env_log_metrics(inputs)
+        self._env_zero_failed_episodes(inputs, output)
         token_entropy = self._aem_collect_token_entropy(output)
-        span_ids = self._env_span_ids(inputs, output["completion_ids"]) if self.env_runner is not None else None
+        if self.env_runner is not None:
+            span_ids = self._env_span_ids(inputs, output["completion_ids"])
+        elif "tool_mask" in output:  # TRL's tool/environment_factory loops or a rollout_func's env_mask: turns
+            span_ids = span_ids_from_mask(output["completion_mask"] * output["tool_mask"])
+        else:
+            span_ids = None
         output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids)
         return output
 
@@ -375,11 +384,15 @@ class AEMGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
+            # With ZeRO-3 or FSDP on several processes, transformers' generate synchronises every decoding step
+            # across processes: every process must make the same number of generate calls (with a dummy context
+            # once its own episodes are done).
+            synced = self.accelerator.num_processes > 1 and (self.is_deepspeed_enabled or self.is_fsdp_enabled)
             generate = make_hf_generate_fn(
                 unwrapped_model, self._tokenizer.pad_token_id, self.eos_token_ids, self.generation_config,
-                temperature=self.temperature, record_entropy=record,
+                temperature=self.temperature, record_entropy=record, run_when_empty=synced,
             )
-            episodes = self.env_runner.run(rows, prompts, generate)
+            episodes = self.env_runner.run(rows, prompts, generate, sync=self._max_over_processes if synced else None)
         return self._env_rollout_output(episodes, record=record, with_logprobs=False)
 
     def _env_rollout_output(self, episodes, record: bool, with_logprobs: bool) -> dict[str, list]:
@@ -424,17 +437,21 @@ class AEMGRPOTrainer(GRPOTrainer):
             collective = vllm_generation.mode == "server" or vllm_generation.tensor_parallel_size > 1
             if not contexts and not collective:
                 return [], None, []
+            # TRL slices vLLM's answers by process assuming every process sent as many prompts: pad with dummies.
+            real = len(contexts)
+            count = self._max_over_processes(real) if collective else real
+            padded = list(contexts) + [[self._tokenizer.pad_token_id]] * (count - real)
             saved = vllm_generation.max_completion_length
             vllm_generation.max_completion_length = max_new_tokens  # read by generate() as the turn's max_tokens
             try:
                 _, completion_ids, logprobs, _ = vllm_generation.generate(
-                    prompts=contexts, images=None, num_generations=1,
+                    prompts=padded, images=None, num_generations=1,
                     profiler=profiling_context(self, "vLLM.generate"),
                 )
             finally:
                 vllm_generation.max_completion_length = saved
             tokens, token_logprobs = [], []
-            for ids, lps in zip(completion_ids, logprobs):
+            for ids, lps in zip(completion_ids[:real], logprobs[:real]):
                 ids = list(ids)
                 end = next((j + 1 for j, token in enumerate(ids) if token in eos), len(ids))
                 tokens.append(ids[:end])
@@ -456,6 +473,14 @@ class AEMGRPOTrainer(GRPOTrainer):
             values = example["aem_span_ids"][: span_ids.size(1)]
             span_ids[row, : len(values)] = torch.tensor(values, dtype=torch.long)
         return span_ids
+
+    def _env_zero_failed_episodes(self, inputs: list[dict], output: dict[str, Any]) -> None:
+        """Episodes ended by an environment fault carry no learning signal, whatever other reward functions said."""
+        if self.env_runner is None or not inputs or "env_error" not in inputs[0]:
+            return
+        failed = torch.tensor([x["env_error"] is not None for x in inputs], device=output["advantages"].device)
+        if failed.any():
+            output["advantages"] = output["advantages"].masked_fill(failed, 0.0)
 
     def _env_log_metrics(self, inputs: list[dict]) -> None:
         """Log ``env/*`` metrics of the episodes just played, over all processes."""
