@@ -7,6 +7,7 @@ A group of 4 generations is split over 2 processes; each process's alphas and ad
 computation on the concatenated batch.
 """
 
+import math
 import os
 import shutil
 import subprocess
@@ -57,3 +58,7 @@ def test_two_processes_match_one(tmp_path):
     # Both processes log the same (global) statistics.
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert ranks[0]["metrics"]["aem/alpha_mean"] == pytest.approx(1.0, abs=1e-6)
+    # Training steps under DDP (gloo) ran and logged AEM's metrics.
+    logs = torch.load(tmp_path / "train_logs.pt")
+    assert len(logs) == 2
+    assert all(math.isfinite(entry["loss"]) and "aem/alpha_std" in entry for entry in logs)

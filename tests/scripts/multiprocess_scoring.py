@@ -29,7 +29,7 @@ model = build_tiny_qwen2(tokenizer, hidden_size=32)
 prompts = [f"say a color {i} ." for i in range(4)]
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
 args = AEMGRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=4, max_completion_length=6,
-                     max_steps=1, report_to="none", bf16=False, use_cpu=True, aem_min_entropy_range=0.0, seed=0)
+                     max_steps=2, logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, aem_min_entropy_range=0.0, seed=0)
 trainer = Recording(model=model, reward_funcs=reward_red, args=args, train_dataset=dataset,
                     processing_class=tokenizer)
 trainer.model.train()
@@ -50,3 +50,8 @@ torch.save(
     },
     os.path.join(out_dir, f"rank{rank}.pt"),
 )
+
+# Then train for real on both processes (DDP over gloo): the loss and AEM's metrics must come out finite.
+trainer.train()
+if trainer.accelerator.is_main_process:
+    torch.save([entry for entry in trainer.state.log_history if "loss" in entry], os.path.join(out_dir, "train_logs.pt"))
