@@ -109,7 +109,7 @@ ARCHITECTURES = {
 DEFAULTS = {
     "cuda": dict(layers=None, vocab_size=None, num_generations=8, batch_size=8, turns=12, tokens_per_turn=64,
                  obs_tokens=200, max_completion_length=4096, steps=3, warmup=1),
-    "cpu": dict(layers=2, vocab_size=None, num_generations=2, batch_size=4, turns=4, tokens_per_turn=32,
+    "cpu": dict(layers=2, vocab_size=None, num_generations=2, batch_size=2, turns=4, tokens_per_turn=32,
                 obs_tokens=100, max_completion_length=None, steps=2, warmup=1),
     "cpu-quick": dict(layers=1, vocab_size=32768, num_generations=2, batch_size=2, turns=3, tokens_per_turn=16,
                       obs_tokens=48, max_completion_length=None, steps=1, warmup=1),
@@ -575,7 +575,7 @@ def parse_args(argv=None):
                         help="vocabulary incl. dummy words (default: the model's, 151936 / 152064; quick CPU 32768)")
     parser.add_argument("--num-generations", type=int, help="episodes per group (default: CUDA 8, CPU 2)")
     parser.add_argument("--batch-size", type=int, help="per_device_train_batch_size = episodes per step "
-                                                       "(default: CUDA 8, CPU 4; quick CPU 2)")
+                                                       "(default: CUDA 8, CPU 2)")
     parser.add_argument("--turns", type=int, help="turns per episode (default: CUDA 12, CPU 4; quick CPU 3)")
     parser.add_argument("--tokens-per-turn", type=int, help="generated tokens per turn (default: CUDA 64, CPU 32; "
                                                             "quick CPU 16)")
