@@ -509,7 +509,8 @@ def print_report(summaries: list[dict], opts, sizes) -> None:
         parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in s["parts"].items()) or "none recorded"
         print(f"{s['mode']}: AEM's own time {100 * s['own_fraction']:.2f}% of AEM step time (median per step "
               f"{100 * s['own_step_median']:.2f}%, {1000 * s['own_seconds']:.1f} ms/step): {parts}; "
-              f"entropy source '{s['entropy_source']}'; mean completion length GRPO {s['len_grpo']:.1f}, "
+              f"entropy source '{s['entropy_source']}'; mean generated tokens per completion (TRL's "
+              f"completions/mean_length: model tokens only, observations excluded) GRPO {s['len_grpo']:.1f}, "
               f"AEM {s['len_aem']:.1f}; wall {s['wall']:.0f} s")
     print("ratio = median(AEM) / median(GRPO); paired ratio = AEM/GRPO step of the same round. "
           "'AEM own' = time inside AEM's hook, _aem_collect_token_entropy, _aem_modulate, _env_span_ids.")
