@@ -47,6 +47,13 @@ def causal_lm_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def tokens_through_eos(ids, eos_token_ids: set[int]) -> list[int]:
+    """The sampled tokens up to and including the first end-of-turn token (all of them if there is none)."""
+    ids = list(ids)
+    end = next((j + 1 for j, token in enumerate(ids) if token in eos_token_ids), len(ids))
+    return ids[:end]
+
+
 def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_config, temperature: float = 1.0,
                         record_entropy: bool = True, run_when_empty: bool = False):
     """A :data:`trl_aem.rollout.GenerateFn` over ``model.generate``: one left-padded batch per call.
@@ -91,11 +98,10 @@ def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_conf
         recorded = recorder.entropies() if record_entropy else None
         tokens, entropies = [], []
         for row in range(generated.size(0)):
-            ids = generated[row].tolist()
-            end = next((j + 1 for j, token in enumerate(ids) if token in eos), len(ids))
-            tokens.append(ids[:end])
+            turn = tokens_through_eos(generated[row].tolist(), eos)
+            tokens.append(turn)
             if recorded is not None:
-                entropies.append(recorded[row, :end].cpu().tolist())
+                entropies.append(recorded[row, : len(turn)].cpu().tolist())
         return tokens, (entropies if record_entropy else None)
 
     return generate

@@ -22,7 +22,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_ids_from_mask, span_mean_entropy
 from .config import AEMGRPOConfig
-from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn
+from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn, tokens_through_eos
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, make_env_factory
 
 #: Keys of the scored batch that AEM reads (TRL's ``_generate_and_score_completions`` output).
@@ -231,20 +231,17 @@ class AEMGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """GRPOTrainer's generation and scoring, then AEM: advantages become ``(B, T)`` ``alpha * A_base``."""
         self._env_rows = inputs  # the environment rollout reads the rows' seed/task columns
-        if not self.args.use_aem:
-            output = super()._generate_and_score_completions(inputs)
-            self._env_log_metrics(inputs)
-            self._env_zero_failed_episodes(inputs, output)
-            return output
         self._aem_token_entropy = None
         self._aem_generation_entropy = None
-        self._aem_capture_old_pass = self.aem_entropy_source == "old_logps"
+        self._aem_capture_old_pass = self.args.use_aem and self.aem_entropy_source == "old_logps"
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._aem_capture_old_pass = False
         self._env_log_metrics(inputs)
         self._env_zero_failed_episodes(inputs, output)
+        if not self.args.use_aem:
+            return output
         token_entropy = self._aem_collect_token_entropy(output)
         if self.env_runner is not None:
             span_ids = self._env_span_ids(inputs, output["completion_ids"])
@@ -452,10 +449,9 @@ class AEMGRPOTrainer(GRPOTrainer):
                 vllm_generation.max_completion_length = saved
             tokens, token_logprobs = [], []
             for ids, lps in zip(completion_ids[:real], logprobs[:real]):
-                ids = list(ids)
-                end = next((j + 1 for j, token in enumerate(ids) if token in eos), len(ids))
-                tokens.append(ids[:end])
-                token_logprobs.append([float("nan") if lp[0] is None else float(lp[0]) for lp in lps[:end]])
+                turn = tokens_through_eos(ids, eos)
+                tokens.append(turn)
+                token_logprobs.append([float("nan") if lp[0] is None else float(lp[0]) for lp in lps[: len(turn)]])
             return tokens, None, token_logprobs
 
         return generate
