@@ -88,7 +88,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 
 import trl_aem  # noqa: E402
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
-from trl_aem.tiny import build_word_tokenizer  # noqa: E402
+
+from _common import cpu_model, padded_word_tokenizer, parity_fraction, special_token_ids  # noqa: E402
 
 SEED = 1234
 #: Real words of the task; the vocabulary is padded to the model's vocabulary size with dummy words ``w0, w1, ...``.
@@ -121,15 +122,6 @@ OBS_OVERHEAD = 8
 
 
 # ---------------------------------------------------------------------------------------------- environment
-def word_parity_fraction(text: str, want: int) -> float:
-    """Fraction of the words ``w<k>`` of ``text`` whose ``k`` has parity ``want`` (0 even, 1 odd)."""
-    words = text.split()
-    if not words:
-        return 0.0
-    hits = sum(1 for w in words if w.startswith("w") and w[1:].isdigit() and int(w[1:]) % 2 == want)
-    return hits / len(words)
-
-
 class ToolLogEnv(gymnasium.Env):
     """A deterministic tool-use-like text environment with long observations.
 
@@ -158,7 +150,7 @@ class ToolLogEnv(gymnasium.Env):
         return self._observation(), {}
 
     def step(self, action):
-        reward = word_parity_fraction(action, self.targets[self.index])
+        reward = parity_fraction(action, self.targets[self.index])
         self.index += 1
         if self.index >= self.turns:
             return "done", reward, True, False, {"success": reward > 0.5}
@@ -166,12 +158,6 @@ class ToolLogEnv(gymnasium.Env):
 
 
 # ---------------------------------------------------------------------------------------------- model and tokenizer
-def build_tokenizer(vocab_size: int):
-    """Word tokenizer with the task words, padded with dummy words so that ``len(tokenizer) == vocab_size``."""
-    base = len(build_word_tokenizer(TASK_WORDS))
-    return build_word_tokenizer(TASK_WORDS + [f"w{k}" for k in range(max(0, vocab_size - base))])
-
-
 def qwen_config(arch: dict, layers: int, vocab_size: int, tokenizer) -> Qwen2Config:
     return Qwen2Config(
         vocab_size=vocab_size, hidden_size=arch["hidden_size"], intermediate_size=arch["intermediate_size"],
@@ -200,11 +186,6 @@ def build_model(config: Qwen2Config, device: str, dtype: torch.dtype, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def special_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<unk>")}
-    return sorted(i for i in ids if i is not None and i >= 0)
 
 
 def count_params(arch: dict, layers: int, vocab: int) -> tuple[int, int]:
@@ -346,7 +327,7 @@ def count_batch(meter: StepMeter, trainer) -> None:
 def run(opts, arch: dict, device: str) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     baseline_rss = rss_bytes("VmRSS")
-    tokenizer = build_tokenizer(opts.vocab_size)
+    tokenizer = padded_word_tokenizer(TASK_WORDS, opts.vocab_size)
     vocab = len(tokenizer)
     config = qwen_config(arch, opts.layers, vocab, tokenizer)
     if device == "cuda":
@@ -458,15 +439,7 @@ def gib(n: float | None) -> float:
 def hardware(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)} ({gib(torch.cuda.get_device_properties(0).total_memory):.0f} GiB)"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    name = cpu_model()
     try:
         with open("/proc/meminfo", encoding="utf-8") as handle:
             total = int(handle.readline().split()[1]) * 1024

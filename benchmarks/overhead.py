@@ -90,12 +90,15 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 import trl_aem  # noqa: E402
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
 from trl_aem import generation as aem_generation  # noqa: E402
-from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+from trl_aem.tiny import build_tiny_qwen2  # noqa: E402
+
+from _common import cpu_model, padded_word_tokenizer, parity_fraction, special_token_ids  # noqa: E402
 
 ARMS = ("GRPO", "AEM")
 SEED = 1234
 #: Real words of the task; the vocabulary is padded to --vocab-size with dummy words ``w0, w1, ...``.
 TASK_WORDS = ["say", "even", "odd", "words", "done"]
+PARITY = {"even": 0, "odd": 1}
 
 FULL = dict(hidden_size=512, layers=8, heads=8, kv_heads=2, intermediate_size=1408, vocab_size=32000,
             completion_length=64, turns=4, tokens_per_turn=16, steps=10, warmup=2)
@@ -104,19 +107,9 @@ QUICK = dict(hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=3
 
 
 # ---------------------------------------------------------------------------------------------- task and environment
-def parity_fraction(text: str, target: str) -> float:
-    """Fraction of the dummy words ``w<k>`` in ``text`` whose number ``k`` has the target parity (even/odd)."""
-    want = 0 if target == "even" else 1
-    words = text.split()
-    if not words:
-        return 0.0
-    hits = sum(1 for w in words if w.startswith("w") and w[1:].isdigit() and int(w[1:]) % 2 == want)
-    return hits / len(words)
-
-
 def parity_reward(completions, target, **kwargs) -> list[float]:
     """Single-turn reward: the fraction of words of the asked parity (a random policy gets spread around 0.5)."""
-    return [parity_fraction(c[0]["content"], t) for c, t in zip(completions, target)]
+    return [parity_fraction(c[0]["content"], PARITY[t]) for c, t in zip(completions, target)]
 
 
 class ParityEnv(gymnasium.Env):
@@ -140,19 +133,11 @@ class ParityEnv(gymnasium.Env):
         return f"say {self.targets[0]}", {}
 
     def step(self, action):
-        reward = parity_fraction(action, self.targets[self.index])
+        reward = parity_fraction(action, PARITY[self.targets[self.index]])
         self.index += 1
         if self.index >= self.turns:
             return "done", reward, True, False, {"success": reward > 0.5}
         return f"say {self.targets[self.index]}", reward, False, False, {}
-
-
-def build_tokenizer(vocab_size: int):
-    """Word tokenizer with the task words, padded with dummy words so that ``len(tokenizer) == vocab_size``."""
-    base = len(build_word_tokenizer(TASK_WORDS))
-    extra = max(0, vocab_size - base)
-    tokenizer = build_word_tokenizer(TASK_WORDS + [f"w{k}" for k in range(extra)])
-    return tokenizer
 
 
 def build_model(tokenizer, sizes: dict):
@@ -161,11 +146,6 @@ def build_model(tokenizer, sizes: dict):
         num_attention_heads=sizes["heads"], num_key_value_heads=sizes["kv_heads"],
         intermediate_size=sizes["intermediate_size"], seed=SEED,
     )
-
-
-def special_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<unk>")}
-    return sorted(i for i in ids if i is not None and i >= 0)
 
 
 # ---------------------------------------------------------------------------------------------- baton and timers
@@ -469,17 +449,6 @@ def summarize(result: dict, warmup: int) -> dict:
     }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_report(summaries: list[dict], opts, sizes) -> None:
     print()
     print(f"AEM overhead benchmark: trl_aem {trl_aem.__version__}, trl {trl.__version__}, "
@@ -604,7 +573,7 @@ def main(argv=None) -> int:
     torch.manual_seed(SEED)
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' gradient_checkpointing renames
-    tokenizer = build_tokenizer(sizes["vocab_size"])
+    tokenizer = padded_word_tokenizer(TASK_WORDS, sizes["vocab_size"])
     sizes["vocab_size"] = len(tokenizer)
     modes = ["single", "multi"] if opts.mode == "both" else [opts.mode]
     results = []
