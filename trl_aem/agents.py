@@ -180,8 +180,15 @@ def evaluate(
             ``(observation, env) -> action``.
         k: attempts per task; pass@k counts a task solved if any of its k attempts succeeds. Use ``greedy=False``
             for k > 1 (greedy attempts are identical).
-        greedy / temperature: decoding for the model.
-        max_turns, max_new_tokens_per_turn, max_completion_length, prompt, system_prompt: as in training.
+        seed_offset: tasks are seeds ``seed_offset ... seed_offset + num_tasks - 1``.
+        env_kwargs: keyword arguments of the environment (difficulty knobs).
+        greedy: greedy decoding for the model (else sampling at ``temperature``).
+        temperature: sampling temperature when ``greedy=False``.
+        max_turns: turn limit per episode, as in training.
+        max_new_tokens_per_turn: token budget of one turn, as in training.
+        max_completion_length: token budget of a whole trajectory, as in training.
+        prompt: the instruction the first observation is appended to, as in training.
+        system_prompt: optional system message, as in training.
         batch_size: episodes generated together per batch.
         progress: show a progress bar with the success rate so far.
     """
