@@ -70,6 +70,18 @@ class AEMGRPOConfig(GRPOConfig):
             Seconds one `reset`/`step` call may take; past it the episode ends as a failure. `None`: no limit.
         env_raise_on_error (`bool`, *optional*, defaults to `False`):
             Raise when an environment call fails, instead of ending that episode as a failure and going on.
+        env_log_trajectories (`int`, *optional*, defaults to `4`):
+            With `report_to` containing `"wandb"`, log this many episodes of the latest rollout (step, task seed,
+            turns, success, return, transcript of observations and actions, error) as a `wandb.Table` named
+            `train/env/trajectories` at every logging step. `0` turns it off.
+
+        > Reporting
+
+        aem_plots (`bool`, *optional*, defaults to `True`):
+            Write PNG plots of success, reward, entropy and AEM's alpha distribution against step to
+            `<output_dir>/plots/` (see `trl_aem.callbacks.plot_training`), on the main process.
+        aem_plot_every (`int`, *optional*, defaults to `10`):
+            Also redraw the plots every this many training logs (`0`: only at the end of training).
     """
 
     use_aem: bool = field(default=True, metadata={"help": "Switch Adaptive Entropy Modulation on (False = plain GRPO)."})
@@ -102,6 +114,15 @@ class AEMGRPOConfig(GRPOConfig):
     env_raise_on_error: bool = field(
         default=False, metadata={"help": "Raise on an environment failure instead of failing that episode."}
     )
+    env_log_trajectories: int = field(
+        default=4, metadata={"help": "Episodes logged as a wandb.Table at each logging step (0 = off)."}
+    )
+    aem_plots: bool = field(
+        default=True, metadata={"help": "Write PNG plots of success, entropy and alpha to <output_dir>/plots."}
+    )
+    aem_plot_every: int = field(
+        default=10, metadata={"help": "Redraw the plots every this many logs (0 = only at the end of training)."}
+    )
 
     def __post_init__(self):
         if not isinstance(self.use_aem, bool):
@@ -128,6 +149,12 @@ class AEMGRPOConfig(GRPOConfig):
             raise ValueError(f"env_kwargs must be a dict of keyword arguments for gymnasium.make, got {self.env_kwargs!r}")
         if not isinstance(self.env_raise_on_error, bool):
             raise ValueError(f"env_raise_on_error must be True or False, got {self.env_raise_on_error!r}")
+        if not isinstance(self.aem_plots, bool):
+            raise ValueError(f"aem_plots must be True or False, got {self.aem_plots!r}")
+        for name, meaning in (("env_log_trajectories", "0 = off"), ("aem_plot_every", "0 = only at the end")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 ({meaning}), got {value!r}")
         super().__post_init__()
 
     @classmethod

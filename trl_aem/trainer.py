@@ -21,6 +21,7 @@ from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 
 from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_ids_from_mask, span_mean_entropy
+from .callbacks import TRAJECTORY_COLUMNS, AEMPlotCallback, SuccessProgressCallback, trajectory_records
 from .config import AEMGRPOConfig
 from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn, tokens_through_eos
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, make_env_factory
@@ -60,8 +61,13 @@ class AEMGRPOTrainer(GRPOTrainer):
     ```
 
     Metrics (logged through TRL, so wandb, trackio and tensorboard all get them): ``aem/alpha_mean``,
-    ``aem/alpha_std``, ``aem/alpha_min``, ``aem/alpha_max``, ``aem/gated_frac``, ``aem/response_entropy_mean``,
-    ``aem/neg_adv_frac``, ``aem/nonfinite_entropy_spans``.
+    ``aem/alpha_std``, ``aem/alpha_min``, ``aem/alpha_max``, ``aem/alpha_p10``/``p50``/``p90`` (quantiles over
+    spans), ``aem/gated_frac``, ``aem/response_entropy_mean``, ``aem/neg_adv_frac``, ``aem/nonfinite_entropy_spans``;
+    with ``env=``, per-turn ``aem/turn{k}/*`` and ``env/*``.
+
+    Reporting: PNG plots in ``<output_dir>/plots/`` (``args.aem_plots``, :class:`~trl_aem.callbacks.AEMPlotCallback`),
+    the episode success rate on the progress bar, and with wandb a table of sample trajectories
+    (``args.env_log_trajectories``).
     """
 
     _tag_names = ["trl", "grpo", "aem", "trl-aem"]
@@ -130,6 +136,11 @@ class AEMGRPOTrainer(GRPOTrainer):
             )
             self.rollout_func = self._env_rollout
         self._env_rows: list[dict] | None = None
+        self._env_last_rollout: tuple[str, list[dict], list] | None = None  # (mode, rows, episodes), for the table
+        if self.args.aem_plots:
+            self.add_callback(AEMPlotCallback(every=self.args.aem_plot_every))
+        if not self.args.disable_tqdm:
+            self.add_callback(SuccessProgressCallback(self.callback_handler.callbacks))
         self.aem_entropy_source = self._resolve_entropy_source()
         self._aem_capture_old_pass = False
         self._aem_token_entropy: torch.Tensor | None = None
@@ -344,6 +355,9 @@ class AEMGRPOTrainer(GRPOTrainer):
         metrics["aem/alpha_std"].append(alpha.std(unbiased=False).item())
         metrics["aem/alpha_min"].append(alpha.min().item())
         metrics["aem/alpha_max"].append(alpha.max().item())
+        quantiles = torch.quantile(alpha, alpha.new_tensor([0.1, 0.5, 0.9])).tolist()
+        for name, value in zip(("aem/alpha_p10", "aem/alpha_p50", "aem/alpha_p90"), quantiles):
+            metrics[name].append(value)
         metrics["aem/gated_frac"].append(result.gated[valid].float().mean().item() if valid.any() else 1.0)
         metrics["aem/response_entropy_mean"].append(span_entropy[valid].mean().item() if valid.any() else 0.0)
         metrics["aem/neg_adv_frac"].append((span_advantage[nonempty] < 0).float().mean().item() if nonempty.any() else 0.0)
@@ -394,6 +408,8 @@ class AEMGRPOTrainer(GRPOTrainer):
 
     def _env_rollout_output(self, episodes, record: bool, with_logprobs: bool) -> dict[str, list]:
         """TRL's rollout_func output for played episodes (plus the episode fields reward functions receive)."""
+        if self.args.env_log_trajectories > 0 and "wandb" in (self.args.report_to or []):
+            self._env_last_rollout = ("train" if self.model.training else "eval", list(self._env_rows), episodes)
         eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.pad_token_id
         completion_ids, env_mask, span_ids, logprobs = [], [], [], []
         for episode in episodes:
@@ -424,6 +440,32 @@ class AEMGRPOTrainer(GRPOTrainer):
             "env_truncated": [bool(e.truncated) for e in episodes],
             "env_error": [e.error for e in episodes],
         }
+
+    # ------------------------------------------------------------------ reporting
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """GRPOTrainer's logging, then (with wandb) a table of sample trajectories of the latest rollout."""
+        super().log(logs, start_time)
+        if self._env_last_rollout is not None:
+            try:
+                self._env_log_trajectory_table()
+            except Exception as exc:  # noqa: BLE001 - a display nicety; never stop training for it
+                warnings.warn(f"could not log the trajectory table: {type(exc).__name__}: {exc}", stacklevel=2)
+            self._env_last_rollout = None
+
+    def _env_log_trajectory_table(self) -> None:
+        """Log ``args.env_log_trajectories`` episodes of the last rollout as ``{mode}/env/trajectories`` to wandb."""
+        report_to = self.args.report_to or []
+        if not self.accelerator.is_main_process or "wandb" not in report_to:
+            return
+        import wandb
+
+        if wandb.run is None:
+            return
+        mode, rows, episodes = self._env_last_rollout
+        table = wandb.Table(columns=list(TRAJECTORY_COLUMNS))
+        for record in trajectory_records(rows, episodes, self.args.env_log_trajectories, self.state.global_step):
+            table.add_data(*(record[column] for column in TRAJECTORY_COLUMNS))
+        wandb.log({f"{mode}/env/trajectories": table, "train/global_step": self.state.global_step})
 
     def _vllm_generate_fn(self):
         """A rollout ``GenerateFn`` over TRL's vLLM generation (server or colocate), one turn per call."""
