@@ -16,24 +16,29 @@ SHARED_DIRS = ("benchmarks/results",)
 
 
 def on_files(files, config):
+    """Add every file under ``SHARED_DIRS`` (recursively) to the site."""
     docs_dir = config["docs_dir"]
     root = os.path.dirname(os.path.abspath(docs_dir))
     for shared in SHARED_DIRS:
         folder = os.path.join(root, shared)
         if not os.path.isdir(folder):
             continue
-        for name in sorted(os.listdir(folder)):
-            if not os.path.isfile(os.path.join(folder, name)):
-                continue
-            rel = f"{shared}/{name}"
-            files.append(
-                File(
-                    f"../{rel}",  # the path as pages write it, relative to docs/
-                    docs_dir,
-                    config["site_dir"],
-                    config["use_directory_urls"],
-                    dest_uri=rel,
-                    inclusion=InclusionLevel.NOT_IN_NAV,
-                )
-            )
+        for here, dirs, names in os.walk(folder):
+            dirs.sort()
+            for name in sorted(names):
+                _add(files, config, f"{shared}/{os.path.relpath(os.path.join(here, name), folder)}")
     return files
+
+
+def _add(files, config, rel: str) -> None:
+    """Add the repository file ``rel`` (e.g. ``benchmarks/results/overhead.png``) to the site under the same path."""
+    files.append(
+        File(
+            f"../{rel}",  # the path as pages write it, relative to docs/
+            config["docs_dir"],
+            config["site_dir"],
+            config["use_directory_urls"],
+            dest_uri=rel,
+            inclusion=InclusionLevel.NOT_IN_NAV,
+        )
+    )
