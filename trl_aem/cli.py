@@ -1,0 +1,207 @@
+"""The ``trl-aem`` command line, in the style of TRL's ``trl`` command.
+
+    trl-aem train --config examples/recipes/tiny-codebreaker-cpu.yaml [--any_field value ...]
+    trl-aem eval --model_name_or_path outputs/tiny-codebreaker-cpu --config examples/recipes/tiny-codebreaker-cpu.yaml
+    trl-aem env list
+
+``train`` and ``eval`` parse dataclass arguments with ``trl.TrlParser`` (flags, or a YAML file with ``--config``;
+flags override the file); ``trl-aem train --help`` and ``trl-aem eval --help`` list every option. As with
+``trl grpo``, options of ``accelerate launch`` given to ``train`` (``--num_processes 4``, ``--config_file ...``, or
+``--accelerate_config zero2``, a name of TRL's shipped configs or a path) relaunch the training script through
+``accelerate launch``; without them it runs in this process. ``python -m trl_aem ...`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "train": "Train an agent with AEM-GRPO on a gymnasium text environment (flags or --config recipe.yaml).",
+    "eval": "Evaluate a saved model (or the expert / a random policy) on a gymnasium text environment.",
+    "env": "Environments: `trl-aem env list` shows the registered trl_aem/* ids and their knobs.",
+}
+
+EXAMPLES = """examples:
+  trl-aem train --config examples/recipes/tiny-codebreaker-cpu.yaml --max_steps 10
+  trl-aem train --config examples/recipes/qwen2.5-7b-household-lora.yaml \\
+      --config_file examples/accelerate/zero2.yaml --num_processes 4      # through accelerate launch
+  trl-aem eval --config examples/recipes/tiny-codebreaker-cpu.yaml --model_name_or_path outputs/tiny-codebreaker-cpu
+  trl-aem eval --env_id trl_aem/Household-v0 --policy expert --num_tasks 200
+  trl-aem env list
+
+Run `trl-aem <command> --help` for the options of a command."""
+
+
+class CommandError(Exception):
+    """A command-line usage error (reported with exit code 2)."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-aem",
+        description="AEM (Adaptive Entropy Modulation) for TRL: train and evaluate multi-turn agents.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"trl-aem {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{train,eval,env}", title="commands")
+    # train and eval hand their arguments (--help included) to their own TrlParser, as TRL's commands do.
+    subparsers.add_parser("train", help=COMMANDS["train"], add_help=False)
+    subparsers.add_parser("eval", help=COMMANDS["eval"], add_help=False)
+    env = subparsers.add_parser("env", help=COMMANDS["env"], description=COMMANDS["env"])
+    env_actions = env.add_subparsers(dest="env_command", metavar="{list}", title="env commands")
+    env_list = env_actions.add_parser(
+        "list", help="List the registered trl_aem/* environment ids and their knobs.",
+        description="List the registered trl_aem/* gymnasium ids: class, constructor keyword arguments (env_kwargs) "
+                    "with defaults, and the easiest preset.")
+    env_list.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` without the ordered ``subsequence`` (as TRL's CLI does)."""
+    remaining = iter(subsequence)
+    current = next(remaining, None)
+    out = []
+    for item in items:
+        if current is not None and item == current:
+            current = next(remaining, None)
+        else:
+            out.append(item)
+    return out
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``trl-aem train`` arguments into ``(accelerate launch arguments, training script arguments)``.
+
+    Arguments the training dataclasses do not know (on the command line or as keys of the ``--config`` file) must be
+    ``accelerate launch`` options, else :class:`CommandError`. ``--accelerate_config NAME`` becomes
+    ``--config_file <TRL's NAME.yaml, or the path NAME>``.
+    """
+    from .scripts.train_agent import make_parser
+
+    argv = list(argv)
+    *_, config_remaining, cli_remaining = make_parser("trl-aem train").parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True)
+    launch_args = config_remaining + cli_remaining
+    if not launch_args:
+        return [], argv
+    from accelerate.commands.launch import launch_command_parser
+
+    known = set(launch_command_parser()._option_string_actions) | {"--accelerate_config"}
+    unknown = [arg for arg in launch_args if arg.startswith("-") and arg.split("=", 1)[0] not in known]
+    if unknown:
+        raise CommandError(f"unknown option(s) {', '.join(unknown)}: neither a training option "
+                           "(see `trl-aem train --help`) nor an `accelerate launch` option")
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    return resolve_accelerate_config_argument(launch_args), _subtract_subsequence(argv, cli_remaining)
+
+
+def run_train(argv: Sequence[str]) -> int:
+    """``trl-aem train``: run the training script here, or through ``accelerate launch`` when given its options."""
+    launch_args, script_args = split_launch_args(argv)
+    if not launch_args:
+        from .scripts.train_agent import main as train_main
+
+        train_main(script_args, prog="trl-aem train")
+        return 0
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    accelerate_args = launch_command_parser().parse_args(
+        launch_args + ["--module", "trl_aem.scripts.train_agent"] + script_args)
+    launch_command(accelerate_args)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+def run_eval(argv: Sequence[str]) -> int:
+    """``trl-aem eval``: evaluate and print the result (see :mod:`trl_aem.scripts.eval_agent`)."""
+    from .scripts.eval_agent import main as eval_main
+
+    eval_main(list(argv), prog="trl-aem eval")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- env
+def list_envs() -> list[dict]:
+    """The registered ``trl_aem/*`` gymnasium ids with their class, knobs (constructor defaults) and easiest preset."""
+    import gymnasium
+
+    from .envs import env_class
+
+    rows = []
+    for env_id in sorted(i for i in gymnasium.registry if i.startswith("trl_aem/")):
+        cls = env_class(env_id)
+        knobs = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if name not in ("self", "render_mode") and p.default is not inspect.Parameter.empty}
+        rows.append({"id": env_id, "class": f"{cls.__module__}.{cls.__qualname__}",
+                     "summary": " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].replace("``", "").split()),
+                     "env_kwargs": knobs, "easiest": dict(getattr(cls, "EASIEST", {}))})
+    return rows
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def run_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``trl-aem env list``: print the registered environments."""
+    if args.env_command != "list":
+        parser.parse_args(["env", "--help"])  # prints the env help and exits 0
+    rows = list_envs()
+    if args.json:
+        print(json.dumps({row["id"]: {k: ({n: _jsonable(v) for n, v in row[k].items()} if isinstance(row[k], dict)
+                                           else row[k]) for k in row if k != "id"} for row in rows}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['id']}  ({row['class']})")
+        print(f"  {row['summary']}")
+        print("  env_kwargs: " + ", ".join(f"{name}={_jsonable(value)!r}" for name, value in row["env_kwargs"].items()))
+        print(f"  easiest:    {json.dumps({k: _jsonable(v) for k, v in row['easiest'].items()})}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``trl-aem`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (2 for usage errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+            parser.print_usage(sys.stderr)
+            print(f"trl-aem: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)} "
+                  "(see `trl-aem --help`)", file=sys.stderr)
+            return 2
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is None:
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            parser.print_help()
+            return 0
+        rest = argv[argv.index(args.command) + 1:]
+        if args.command == "train":
+            return run_train(rest)
+        if args.command == "eval":
+            return run_eval(rest)
+        return run_env(parser.parse_args(argv), parser)
+    except CommandError as exc:
+        print(f"trl-aem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
