@@ -33,10 +33,11 @@ Protocol (identical for every arm):
 Outputs in ``--out``: ``steps.csv`` (per arm, seed and step: training success rate, return, TRL's policy entropy,
 span entropy, alpha mean/std/min/max, gated fraction, negative-advantage fraction, step time), ``final.csv`` (per
 arm and seed: warm-start and final success), ``summary.md`` (final success mean +- std over seeds, and an exact
-two-sided permutation test of each AEM arm against its base method), ``success.png`` and ``entropy.png`` (mean
+two-sided permutation tests of each AEM arm against its base method, unpaired and paired by seed), ``success.png`` and ``entropy.png`` (mean
 over seeds with a +-1 std band), ``rollout_speed.txt`` (batched multi-turn rollouts against one episode at a time,
 turns per second, from one run) and ``run.json`` (the command, settings, versions, CPU and wall time).
 AEM's step-time overhead (single- and multi-turn) is measured by ``benchmarks/overhead.py``.
+``--report-only DIR`` rebuilds summary.md and the plots from a finished run's files without training.
 
 Runs are spread over ``--workers`` processes with one torch thread each; results do not depend on the number of
 workers (each run seeds itself).
@@ -174,9 +175,11 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
             self.times: dict[int, float] = {}
 
         def on_step_begin(self, args, state, control, **kwargs):
+            """Start the step's clock."""
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            """Stop it (right after the optimizer step) and record the time under the step number."""
             self.times[state.global_step] = time.perf_counter() - self.start
 
     tokenizer, model = _tokenizer_and_model(seed, opts["hidden_size"], opts["layers"])
@@ -265,6 +268,17 @@ def permutation_p_value(a: list[float], b: list[float]) -> float:
     return count / total
 
 
+def paired_sign_flip_p_value(a: list[float], b: list[float]) -> float:
+    """Exact two-sided paired permutation test: all 2^n sign flips of the per-pair differences ``a[i] - b[i]``."""
+    diffs = [x - y for x, y in zip(a, b)]
+    observed = abs(statistics.fmean(diffs))
+    count = total = 0
+    for signs in itertools.product((1, -1), repeat=len(diffs)):
+        total += 1
+        count += abs(statistics.fmean(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12
+    return count / total
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -277,27 +291,27 @@ def summary_table(finals: list[dict], warm: list[dict], metric: str = "final_suc
         by_arm.setdefault(row["arm"], {})[row["seed"]] = row[metric]
     warm_key = "warm_start_success" if metric == "final_success" else "warm_start_greedy"
     warm_values = [w[warm_key] for w in warm]
-    lines = ["| arm | success (mean ± std) | vs base: difference | paired per-seed wins | p (exact permutation) |",
-             "|---|---|---|---|---|",
-             "| warm start (before RL) | {:.1%} ± {:.1%} | | | |".format(*mean_std(warm_values))]
+    lines = ["| arm | success (mean ± std) | vs base: difference | per-seed wins | p unpaired | p paired |",
+             "|---|---|---|---|---|---|",
+             "| warm start (before RL) | {:.1%} ± {:.1%} | | | | |".format(*mean_std(warm_values))]
     for arm in ARMS:
         values = by_arm.get(arm.name)
         if not values:
             continue
         mean, std = mean_std(list(values.values()))
         if arm.is_base:
-            lines.append(f"| {arm.name} | {mean:.1%} ± {std:.1%} | (base) | | |")
+            lines.append(f"| {arm.name} | {mean:.1%} ± {std:.1%} | (base) | | | |")
             continue
         base = by_arm.get(arm.base, {})
         seeds = sorted(set(values) & set(base))
         if not seeds:
-            lines.append(f"| {arm.name} | {mean:.1%} ± {std:.1%} | | | |")
+            lines.append(f"| {arm.name} | {mean:.1%} ± {std:.1%} | | | | |")
             continue
         ours, theirs = [values[s] for s in seeds], [base[s] for s in seeds]
         wins = sum(x > y for x, y in zip(ours, theirs))
         diff = statistics.fmean(ours) - statistics.fmean(theirs)
         lines.append(f"| {arm.name} | {mean:.1%} ± {std:.1%} | {diff:+.1%} vs {arm.base} | {wins}/{len(seeds)} | "
-                     f"{permutation_p_value(ours, theirs):.3f} |")
+                     f"{permutation_p_value(ours, theirs):.3f} | {paired_sign_flip_p_value(ours, theirs):.3f} |")
     return "\n".join(lines)
 
 
@@ -397,6 +411,7 @@ def entropy_reading(step_rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
+    """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 3 steps, small groups")
     parser.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
@@ -415,12 +430,85 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel processes (one torch thread each)")
     parser.add_argument("--smooth", type=int, default=None, help="moving-average window of the plots")
+    parser.add_argument("--report-only", metavar="DIR", default=None,
+                        help="do not train: rebuild summary.md and the plots from a finished run's files in DIR")
     return parser.parse_args(argv)
 
 
+def load_results(out: str) -> tuple[dict, list[dict], list[dict], list[dict], dict]:
+    """Read a finished run back from ``out``: run.json, steps.csv, final.csv (with the warm start) and the speed."""
+    def typed(value: str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+        return value
+
+    with open(os.path.join(out, "run.json")) as handle:
+        run = json.load(handle)
+    rows = {}
+    for name in ("steps.csv", "final.csv"):
+        with open(os.path.join(out, name), newline="") as handle:
+            rows[name] = [{key: typed(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+    warm = {}
+    for row in rows["final.csv"]:
+        warm[row["seed"]] = {"seed": row["seed"], "warm_start_success": row["warm_start_success"],
+                             "warm_start_greedy": row["warm_start_greedy"]}
+    with open(os.path.join(out, "rollout_speed.txt")) as handle:
+        speed = json.loads(handle.read().split("\n", 1)[1])
+    run.setdefault("model_parameters", count_parameters(run["options"]))  # runs before it was recorded
+    return run, rows["steps.csv"], rows["final.csv"], [warm[s] for s in sorted(warm)], speed
+
+
+def write_report(out: str, run: dict, step_rows: list[dict], finals: list[dict], warm: list[dict],
+                 speed: dict, smooth: int) -> str:
+    """Write summary.md, rollout_speed.txt, success.png and entropy.png into ``out``; return the summary text."""
+    opts = run["options"]
+    arm_names = [a.name for a in ARMS if a.name in set(run["arms"])]
+    step_time = {name: statistics.median(r["step_time_s"] for r in step_rows if r["arm"] == name)
+                 for name in arm_names}
+    speed_text = (f"Rollout speed ({speed['episodes']} CodeBreaker episodes, warm-start model of seed 0, "
+                  f"{speed['threads']} torch thread(s)): batched {speed['batched']['turns_per_s']:.1f} turns/s "
+                  f"({speed['batched']['turns']} turns in {speed['batched']['seconds']:.2f}s), one episode at a time "
+                  f"{speed['one_at_a_time']['turns_per_s']:.1f} turns/s ({speed['one_at_a_time']['turns']} turns in "
+                  f"{speed['one_at_a_time']['seconds']:.2f}s): ratio {speed['ratio']:.1f}x")
+    summary = "\n\n".join([
+        f"Command: `{run['command']}`  ",
+        f"{len(arm_names)} arms x {opts['seeds']} seeds; tiny Qwen2 with {run['model_parameters'] / 1e6:.3f}M "
+        f"parameters; {opts['steps']} RL steps of {opts['tasks_per_step']} tasks x G={opts['num_generations']} "
+        f"episodes, num_iterations={opts['num_iterations']}, lr {opts['learning_rate']}; warm start "
+        f"{opts['sft_steps']} SFT steps; final evaluation on {opts['eval_tasks']} held-out tasks.",
+        "Tests against the base method: exact two-sided permutation tests of the difference in means over seeds, "
+        "unpaired (all relabelings of the pooled values) and paired by seed (all sign flips of the per-seed "
+        f"differences; with n seeds its smallest possible p is 2/2^n = {2 / 2 ** opts['seeds']:.4f}).",
+        "Final success, sampled at temperature 1 (the policy RL optimises):",
+        summary_table(finals, warm, "final_success"),
+        "Final success, greedy:",
+        summary_table(finals, warm, "final_greedy"),
+        "Span entropy during training (mean over seeds):",
+        entropy_reading(step_rows),
+        "Median step time (s, includes the rollouts): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in step_time.items()),
+        speed_text,
+        f"Wall time {run['wall_time_s']:.0f}s with {run['workers']} workers on {run['cpu']}.",
+    ])
+    with open(os.path.join(out, "summary.md"), "w") as handle:
+        handle.write(summary + "\n")
+    with open(os.path.join(out, "rollout_speed.txt"), "w") as handle:
+        handle.write(speed_text + "\n" + json.dumps(speed, indent=2) + "\n")
+    write_plots(out, step_rows, smooth)
+    return summary
+
+
 def main(argv=None) -> int:
-    """Run every arm and seed, write the CSVs, plots and tables, and print the summary."""
+    """Run every arm and seed (or, with ``--report-only``, reread a finished run), write the report, print it."""
     args = parse_args(argv)
+    if args.report_only:
+        run, step_rows, finals, warm, speed = load_results(args.report_only)
+        smooth = args.smooth or (5 if run["options"]["steps"] >= 20 else 1)
+        print(write_report(args.report_only, run, step_rows, finals, warm, speed, smooth))
+        return 0
     preset = QUICK if args.quick else DEFAULT
     opts = {key: (getattr(args, key) if getattr(args, key, None) is not None else value)
             for key, value in preset.items()}
@@ -464,47 +552,25 @@ def main(argv=None) -> int:
     write_csv(os.path.join(out, "final.csv"), [{**f, "warm_start_success": warm[f["seed"]]["warm_start_success"],
                                                 "warm_start_greedy": warm[f["seed"]]["warm_start_greedy"]}
                                                for f in finals])
-    plots = write_plots(out, step_rows, smooth)
-    command = "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    step_time = {a.name: statistics.median(r["step_time_s"] for r in step_rows if r["arm"] == a.name) for a in arms}
-    speed_text = (f"Rollout speed ({speed['episodes']} CodeBreaker episodes, warm-start model of seed 0, 1 torch "
-                  f"thread): batched {speed['batched']['turns_per_s']:.1f} turns/s "
-                  f"({speed['batched']['turns']} turns in {speed['batched']['seconds']:.2f}s), one episode at a time "
-                  f"{speed['one_at_a_time']['turns_per_s']:.1f} turns/s ({speed['one_at_a_time']['turns']} turns in "
-                  f"{speed['one_at_a_time']['seconds']:.2f}s): ratio {speed['ratio']:.1f}x")
-    summary = "\n\n".join([
-        f"Command: `{command}`  ",
-        f"{len(arms)} arms x {opts['seeds']} seeds; {opts['steps']} RL steps of {opts['tasks_per_step']} tasks x "
-        f"G={opts['num_generations']} episodes, num_iterations={opts['num_iterations']}, lr "
-        f"{opts['learning_rate']}; warm start {opts['sft_steps']} SFT steps; final evaluation on "
-        f"{opts['eval_tasks']} held-out tasks.",
-        "Final success, sampled at temperature 1 (the policy RL optimises):",
-        summary_table(finals, warm, "final_success"),
-        "Final success, greedy:",
-        summary_table(finals, warm, "final_greedy"),
-        "Span entropy during training (mean over seeds):",
-        entropy_reading(step_rows),
-        "Median step time (s, includes the rollouts): "
-        + ", ".join(f"{name} {value:.2f}" for name, value in step_time.items()),
-        speed_text,
-        f"Wall time {time.time() - started:.0f}s with {args.workers} workers on {_cpu()}.",
-    ])
-    with open(os.path.join(out, "summary.md"), "w") as handle:
-        handle.write(summary + "\n")
-    with open(os.path.join(out, "rollout_speed.txt"), "w") as handle:
-        handle.write(speed_text + "\n" + json.dumps(speed, indent=2) + "\n")
     import transformers
     import trl
 
+    run = {"command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
+           "model_parameters": count_parameters(opts), "wall_time_s": round(time.time() - started, 1),
+           "cpu": _cpu(), "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "trl": trl.__version__}
     with open(os.path.join(out, "run.json"), "w") as handle:
-        json.dump({"command": command, "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
-                   "wall_time_s": round(time.time() - started, 1), "cpu": _cpu(), "python": platform.python_version(),
-                   "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-                  handle, indent=2)
-    print(summary)
-    print("[learning] wrote " + ", ".join(["steps.csv", "final.csv", "summary.md", "rollout_speed.txt", "run.json"]
-                                          + [os.path.basename(p) for p in plots]) + f" to {out}")
+        json.dump(run, handle, indent=2)
+    print(write_report(out, run, step_rows, finals, warm, speed, smooth))
+    print(f"[learning] wrote steps.csv, final.csv, summary.md, rollout_speed.txt, run.json, success.png, entropy.png "
+          f"to {out}")
     return 0
+
+
+def count_parameters(opts: dict) -> int:
+    """Parameters of the tiny model the run trains."""
+    return sum(p.numel() for p in _tokenizer_and_model(0, opts["hidden_size"], opts["layers"])[1].parameters())
 
 
 def _cpu() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -37,6 +38,15 @@ def test_permutation_p_value_by_hand(learning):
     assert learning.permutation_p_value(a, b) == learning.permutation_p_value(b, a)
 
 
+def test_paired_sign_flip_p_value_by_hand(learning):
+    # differences (1, 2): sign-flipped means 1.5, 0.5, -0.5, -1.5 -> two reach |1.5|: p = 2/4.
+    assert learning.paired_sign_flip_p_value([2, 4], [1, 2]) == pytest.approx(0.5)
+    # 5 seeds all in favour: only all-plus and all-minus reach it: 2/32, the smallest p 5 seeds allow.
+    assert learning.paired_sign_flip_p_value([1.0] * 5, [0.0] * 5) == pytest.approx(2 / 32)
+    # differences (1, -1, 0): mean 0, every flip is as extreme.
+    assert learning.paired_sign_flip_p_value([1, 0, 0], [0, 1, 0]) == 1.0
+
+
 def test_mean_std(learning):
     assert learning.mean_std([1.0]) == (1.0, 0.0)
     mean, std = learning.mean_std([1.0, 2.0, 3.0])
@@ -65,9 +75,11 @@ def test_summary_table_compares_each_aem_arm_with_its_base(learning):
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "20.0% ± 0.0%" in lines["warm start (before RL)"]
     assert "(base)" in lines["GRPO"] and "(base)" in lines["DAPO"] and "(base)" in lines["GSPO"]
-    # AEM arms: 61% mean (0.60, 0.61, 0.62) vs base 31%: +30 points, wins 3/3, p = 2 / C(6, 3) = 0.1
+    # AEM arms: 61% mean (0.60, 0.61, 0.62) vs base 31%: +30 points, wins 3/3, unpaired p = 2 / C(6, 3) = 0.1,
+    # paired p = 2 / 2^3 = 0.25
     assert "61.0% ± 1.0%" in lines["AEM-DAPO"]
-    assert "+30.0% vs DAPO" in lines["AEM-DAPO"] and "3/3" in lines["AEM-DAPO"] and "0.100" in lines["AEM-DAPO"]
+    cells = [cell.strip() for cell in lines["AEM-DAPO"].split("|")[1:-1]]
+    assert cells[2:] == ["+30.0% vs DAPO", "3/3", "0.100", "0.250"]
     assert "vs GRPO" in lines["AEM-GRPO shuffle"]
 
 
@@ -116,6 +128,25 @@ def test_quick_run_writes_every_output(tmp_path):
     assert len(finals) == 4
     summary = (out / "summary.md").read_text()
     assert "| AEM-GRPO |" in summary and "vs GRPO" in summary and "turns/s" in summary
+
+
+def test_report_only_rebuilds_the_summary_from_the_files(learning, tmp_path):
+    step_rows, finals, warm = _fake_rows(learning)
+    learning.write_csv(str(tmp_path / "steps.csv"), step_rows)
+    learning.write_csv(str(tmp_path / "final.csv"), [{**f, "warm_start_success": 0.2, "warm_start_greedy": 0.6}
+                                                    for f in finals])
+    run = {"command": "python benchmarks/learning.py", "arms": [a.name for a in learning.ARMS], "workers": 2,
+           "wall_time_s": 10.0, "cpu": "test cpu", "options": {"seeds": 3, "steps": 6, "tasks_per_step": 2,
+           "num_generations": 4, "num_iterations": 2, "learning_rate": 1e-3, "sft_steps": 1, "eval_tasks": 8,
+           "hidden_size": 32, "layers": 1}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    speed = {"episodes": 8, "threads": 1, "ratio": 2.0, "batched": {"seconds": 1.0, "turns": 20, "turns_per_s": 20.0},
+             "one_at_a_time": {"seconds": 2.0, "turns": 20, "turns_per_s": 10.0}}
+    (tmp_path / "rollout_speed.txt").write_text("speed\n" + json.dumps(speed))
+    assert learning.main(["--report-only", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "+30.0% vs DAPO | 3/3 | 0.100 | 0.250 |" in summary and "ratio 2.0x" in summary
+    assert (tmp_path / "success.png").exists() and (tmp_path / "entropy.png").exists()
 
 
 def test_unknown_arm_is_rejected(learning):

@@ -72,8 +72,13 @@ def test_plot_callback_warns_instead_of_failing(tmp_path, monkeypatch):
 
     with pytest.warns(UserWarning, match="disk full"):
         AEMPlotCallback().on_train_end(args, State(), None)
+    calls = []
+    monkeypatch.setattr(callbacks_module, "plot_training", lambda log_history, out_dir: calls.append(out_dir))
+    AEMPlotCallback().on_train_end(args, State(), None)
+    assert len(calls) == 1  # the main process plots
     State.is_world_process_zero = False  # other processes never plot
     AEMPlotCallback().on_train_end(args, State(), None)
+    assert len(calls) == 1
 
 
 def test_plot_callback_every_n_logs(tmp_path):

@@ -68,6 +68,27 @@ def test_aem_off_and_lambda_zero_reproduce_grpo(tmp_path, make_model, tokenizer,
     assert "aem/alpha_mean" not in step_logs(off)[0]
 
 
+def test_reporting_callbacks_leave_training_unchanged(tmp_path, make_model, tokenizer, color_dataset):
+    """Progress bar with success, plots after every log: use_aem=False and aem_lambda=0 still equal GRPOTrainer."""
+    common = dict(max_steps=3, disable_tqdm=False)
+    grpo = train(GRPOTrainer, GRPOConfig, tmp_path / "grpo", make_model(), tokenizer, color_dataset, **common)
+    off = train(AEMGRPOTrainer, AEMGRPOConfig, tmp_path / "off", make_model(), tokenizer, color_dataset,
+                use_aem=False, aem_plot_every=1, **common)
+    zero = train(AEMGRPOTrainer, AEMGRPOConfig, tmp_path / "zero", make_model(), tokenizer, color_dataset,
+                 aem_lambda=0.0, aem_plot_every=1, **common)
+    grpo_losses = [entry["loss"] for entry in step_logs(grpo)]
+    assert any(loss != 0 for loss in grpo_losses)
+    reference = final_weights(grpo)
+    for other in (off, zero):
+        assert [entry["loss"] for entry in step_logs(other)] == grpo_losses
+        weights = final_weights(other)
+        assert all(torch.equal(reference[name], weights[name]) for name in reference)
+    # the callbacks really ran
+    assert (tmp_path / "off" / "plots" / "entropy.png").exists() and (tmp_path / "zero" / "plots" / "alpha.png").exists()
+    names = {type(cb).__name__ for cb in off.callback_handler.callbacks}
+    assert {"AEMPlotCallback", "SuccessProgressCallback"} <= names
+
+
 def test_aem_changes_training_and_logs_metrics(tmp_path, make_model, tokenizer, color_dataset):
     grpo = train(GRPOTrainer, GRPOConfig, tmp_path / "grpo", make_model(), tokenizer, color_dataset, max_steps=3)
     aem = train(AEMGRPOTrainer, AEMGRPOConfig, tmp_path / "aem", make_model(), tokenizer, color_dataset,
