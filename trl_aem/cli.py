@@ -9,6 +9,9 @@ flags override the file); ``trl-aem train --help`` and ``trl-aem eval --help`` l
 ``trl grpo``, options of ``accelerate launch`` given to ``train`` (``--num_processes 4``, ``--config_file ...``, or
 ``--accelerate_config zero2``, a name of TRL's shipped configs or a path) relaunch the training script through
 ``accelerate launch``; without them it runs in this process. ``python -m trl_aem ...`` is the same command.
+
+Usage errors (unknown options or YAML keys, bad values, options before the command) print
+``trl-aem <command>: error: <message>`` and exit with code 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +71,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------- train
+#: Set in the environment of the processes ``trl-aem train`` starts through ``accelerate launch``: their YAML keys
+#: meant for ``accelerate launch`` (``num_processes: 4``) were applied by the launcher, so the script accepts them.
+LAUNCHED_BY_TRL_AEM = "TRL_AEM_LAUNCHED"
+
+#: A stand-in for the training script when asking ``accelerate launch``'s parser about an option.
+_PROBE = "__trl_aem_probe__.py"
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
 def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
     """``items`` without the ordered ``subsequence`` (as TRL's CLI does)."""
     remaining = iter(subsequence)
@@ -79,55 +94,143 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
     return out
 
 
-def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split ``trl-aem train`` arguments into ``(accelerate launch arguments, training script arguments)``.
+def _option_groups(args: Sequence[str]) -> list[list[str]]:
+    """``["--a", "1", "--b", "--c=2"]`` -> ``[["--a", "1"], ["--b"], ["--c=2"]]`` (an option and its values)."""
+    groups: list[list[str]] = []
+    for arg in args:
+        if arg.startswith("-") or not groups:
+            groups.append([arg])
+        else:
+            groups[-1].append(arg)
+    return groups
 
-    Arguments the training dataclasses do not know (on the command line or as keys of the ``--config`` file) must be
-    ``accelerate launch`` options, else :class:`CommandError`. ``--accelerate_config NAME`` becomes
-    ``--config_file <TRL's NAME.yaml, or the path NAME>``.
+
+def _split_accelerate_config(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Take ``--accelerate_config NAME`` (or ``--accelerate_config=NAME``) out of ``args``: (``[it, NAME]``, rest)."""
+    found, rest = [], []
+    for group in _option_groups(args):
+        name, eq, value = group[0].partition("=")
+        if name in ("--accelerate_config", "--accelerate-config"):
+            if found:
+                raise ValueError("--accelerate_config is given twice")
+            values = [value] if eq else group[1:]
+            if len(values) != 1 or not values[0]:
+                raise ValueError(f"--accelerate_config takes one value (a path, or one of TRL's config names), "
+                                 f"got {' '.join(group)!r}")
+            found = ["--accelerate_config", values[0]]
+        else:
+            rest.extend(group)
+    return found, rest
+
+
+def check_launch_options(args: Sequence[str]) -> list[str]:
+    """Check that ``args`` (options left over by the training parser, from the command line or the ``--config`` file)
+    are all options of ``accelerate launch``, and return them ready for it; raises :class:`CommandError` naming the
+    others.
+
+    ``--accelerate_config NAME`` (or ``=NAME``) stays as it is (see :func:`split_launch_args`). A YAML boolean
+    given to a flag of ``accelerate launch`` (``multi_gpu: true``, which TRL's parser hands over as
+    ``--multi_gpu True``) becomes the bare flag, or nothing for ``false``. Uses only ``accelerate launch``'s public
+    parser: each option is parsed in front of a stand-in script name.
     """
-    from .scripts.train_agent import make_parser
-
-    argv = list(argv)
-    *_, config_remaining, cli_remaining = make_parser("trl-aem train").parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True)
-    launch_args = config_remaining + cli_remaining
-    if not launch_args:
-        return [], argv
     from accelerate.commands.launch import launch_command_parser
 
-    known = set(launch_command_parser()._option_string_actions) | {"--accelerate_config"}
-    unknown = [arg for arg in launch_args if arg.startswith("-") and arg.split("=", 1)[0] not in known]
+    accelerate_config, rest = _split_accelerate_config(args)
+    parser = launch_command_parser()
+    unknown, out = [], []
+    for group in _option_groups(rest):
+        option = group[0]
+        if not option.startswith("-"):
+            unknown.append(option)
+            continue
+        namespace, extra = parser.parse_known_args(group + [_PROBE])
+        if extra:
+            unknown.append(option.split("=", 1)[0])
+        elif len(group) == 2 and namespace.training_script == group[1]:
+            # A flag (it took no value, so the value became the "script"): YAML true -> the flag, false -> nothing.
+            if group[1].lower() in _TRUE:
+                out.append(option)
+            elif group[1].lower() not in _FALSE:
+                raise CommandError(f"{option} of `accelerate launch` is a flag and takes no value, got {group[1]!r}")
+        else:
+            out.extend(group)
     if unknown:
-        raise CommandError(f"unknown option(s) {', '.join(unknown)}: neither a training option "
-                           "(see `trl-aem train --help`) nor an `accelerate launch` option")
+        raise CommandError(f"unknown option(s) or config key(s) {', '.join(repr(u.lstrip('-')) for u in unknown)}: "
+                           "neither a training option (see `trl-aem train --help`) nor an `accelerate launch` option")
+    return accelerate_config + out
+
+
+def split_launch_args(argv: Sequence[str], prog: str = "trl-aem train") -> tuple[list[str], list[str]]:
+    """Split ``trl-aem train`` arguments into ``(accelerate launch arguments, training script arguments)``.
+
+    Parses and validates the training arguments first: a bad value raises ``ValueError`` (as the training
+    configuration does), ``--help`` exits. Arguments the training dataclasses do not know (on the command line or as
+    keys of the ``--config`` file) must be ``accelerate launch`` options, else :class:`CommandError`.
+    ``--accelerate_config NAME`` (or ``--accelerate_config=NAME``) becomes ``--config_file <TRL's NAME.yaml, or the
+    path NAME>``.
+    """
+    from .scripts.train_agent import check_args, make_parser
+
+    argv = list(argv)
+    *parsed, config_remaining, cli_remaining = make_parser(prog).parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True)
+    check_args(*parsed)
+    if not config_remaining and not cli_remaining:
+        return [], argv
+    from_config, from_cli = check_launch_options(config_remaining), check_launch_options(cli_remaining)
+    if from_config[:1] == from_cli[:1] == ["--accelerate_config"]:
+        from_config = from_config[2:]  # flags override the file (for accelerate's own options, the last one wins)
+    launch_args = from_config + from_cli
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     return resolve_accelerate_config_argument(launch_args), _subtract_subsequence(argv, cli_remaining)
 
 
-def run_train(argv: Sequence[str]) -> int:
-    """``trl-aem train``: run the training script here, or through ``accelerate launch`` when given its options."""
-    launch_args, script_args = split_launch_args(argv)
+def run_train(argv: Sequence[str], prog: str = "trl-aem train") -> int:
+    """``trl-aem train``: run the training script here, or through ``accelerate launch`` when given its options.
+
+    Returns the exit code, 0 or that of a failed training process; ``--help`` (0) and usage errors (2: bad or
+    unknown options or YAML keys, bad values) leave through ``SystemExit``.
+    """
+    from .scripts import usage_error
+
+    try:
+        launch_args, script_args = split_launch_args(argv, prog)
+    except (CommandError, ValueError) as exc:
+        usage_error(prog, exc)
     if not launch_args:
         from .scripts.train_agent import main as train_main
 
-        train_main(script_args, prog="trl-aem train")
+        train_main(script_args, prog=prog)
         return 0
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     accelerate_args = launch_command_parser().parse_args(
         launch_args + ["--module", "trl_aem.scripts.train_agent"] + script_args)
-    launch_command(accelerate_args)
+    previous = os.environ.get(LAUNCHED_BY_TRL_AEM)
+    os.environ[LAUNCHED_BY_TRL_AEM] = "1"  # inherited by the launched processes
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as exc:  # the training process failed; it printed why
+        return exc.returncode or 1
+    except ChildFailedError as exc:  # several processes (torch.distributed.run): one failed; it printed why
+        print(f"{prog}: a training process failed:\n{exc}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is None:
+            os.environ.pop(LAUNCHED_BY_TRL_AEM, None)
+        else:
+            os.environ[LAUNCHED_BY_TRL_AEM] = previous
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
-def run_eval(argv: Sequence[str]) -> int:
+def run_eval(argv: Sequence[str], prog: str = "trl-aem eval") -> int:
     """``trl-aem eval``: evaluate and print the result (see :mod:`trl_aem.scripts.eval_agent`)."""
     from .scripts.eval_agent import main as eval_main
 
-    eval_main(list(argv), prog="trl-aem eval")
+    eval_main(list(argv), prog=prog)
     return 0
 
 
@@ -187,15 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             parser.print_help()
             return 0
-        rest = argv[argv.index(args.command) + 1:]
+        position = argv.index(args.command)
+        if position > 0:  # e.g. `trl-aem --bogus train ...`: the top level has no options but --help and --version
+            parser.error(f"unrecognized arguments: {' '.join(argv[:position])} (the options of a command go after "
+                         f"it: `trl-aem {args.command} --help` lists them)")
+        rest = argv[position + 1:]
         if args.command == "train":
             return run_train(rest)
         if args.command == "eval":
             return run_eval(rest)
         return run_env(parser.parse_args(argv), parser)
-    except CommandError as exc:
-        print(f"trl-aem {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

@@ -1,15 +1,22 @@
 """Evaluate a saved model (or the expert / a random policy) on a gymnasium text environment, TRL-style.
 
     # the model a recipe saved (a full model directory, or a LoRA adapter directory)
+    # (the environment, limits and prompts must match training: here those of tiny-codebreaker-cpu.yaml)
     trl-aem eval --model_name_or_path outputs/tiny-codebreaker-cpu --env_id trl_aem/CodeBreaker-v0 \
-        --env_kwargs '{"code_length": 1, "num_symbols": 3, "max_guesses": 3}' --env_max_turns 3
-    # the training recipe as the eval config: same environment, limits and prompts (training-only keys are ignored)
+        --env_kwargs '{"code_length": 1, "num_symbols": 3, "max_guesses": 3}' --env_max_turns 3 \
+        --env_max_new_tokens_per_turn 4 --env_system_prompt "you are a helpful agent ."
+    # simpler: the training recipe as the eval config (same environment, limits, prompts; training-only keys ignored)
     trl-aem eval --config examples/recipes/tiny-codebreaker-cpu.yaml --model_name_or_path outputs/tiny-codebreaker-cpu
     # reference points: the scripted expert and a random admissible action
     trl-aem eval --env_id trl_aem/Household-v0 --policy expert --num_tasks 200
 
 Every option of :class:`EvalArguments` can be set in a YAML file (``--config``) or as a flag. The result is printed
-(``success ... return ... turns ... pass@k ...``) and, with ``--output_json``, written with every episode.
+(``success ... return ... turns ... pass@k ...``) and, with ``--output_json``, written with every episode. A bad
+value (``--num_tasks 0``, an unknown ``--env_id``) is a usage error: ``<prog>: error: <message>``, exit code 2.
+
+A LoRA adapter directory is loaded on the base model that ``--base_model_name_or_path`` names, else on
+``<adapter dir>/base_model`` when the adapter's recorded base is such a folder saved by ``trl-aem train`` (so a
+moved or copied output directory still works), else on the base recorded in ``adapter_config.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from trl import TrlParser  # noqa: E402
 from ..agents import DEFAULT_PROMPT, EvalResult, evaluate  # noqa: E402
 from ..envs import env_vocabulary  # noqa: E402
 from ..tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
-from . import resolve_env_id  # noqa: E402
+from . import check_env_id, resolve_env_id, usage_error  # noqa: E402
 
 POLICIES = ("model", "expert", "random")
 
@@ -134,6 +141,26 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+#: Where ``trl-aem train`` saves a base model that only exists locally (built in code, or warm-started).
+BASE_MODEL_SUBDIR = "base_model"
+
+
+def adapter_base_model(adapter_dir: str, recorded: str | None) -> str | None:
+    """The base model to load under the adapter in ``adapter_dir``, whose ``adapter_config.json`` records ``recorded``.
+
+    ``trl-aem train`` saves a base model built in code (or changed by the warm start) to
+    ``<output_dir>/base_model`` and PEFT records its absolute path. When the output directory has been moved or
+    copied, that path is gone or is another run's: a recorded local folder named ``base_model`` resolves to the
+    adapter's own ``<adapter_dir>/base_model`` when that exists. Anything else (a hub id, another local path) is
+    returned as recorded.
+    """
+    sibling = os.path.join(adapter_dir, BASE_MODEL_SUBDIR)
+    if recorded and os.path.basename(os.path.normpath(recorded)) == BASE_MODEL_SUBDIR and os.path.isfile(
+            os.path.join(sibling, "config.json")):
+        return sibling
+    return recorded
+
+
 def load_model_and_tokenizer(args: EvalArguments):
     """Load the model to evaluate: a full model, a PEFT adapter on its base model, or the tiny model built in code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,9 +179,11 @@ def load_model_and_tokenizer(args: EvalArguments):
         from peft import PeftModel
 
         with open(adapter_config) as handle:
-            base = args.base_model_name_or_path or json.load(handle).get("base_model_name_or_path")
+            recorded = json.load(handle).get("base_model_name_or_path")
+        base = args.base_model_name_or_path or adapter_base_model(path, recorded)
         if not base:
             raise ValueError(f"{adapter_config} names no base model: pass --base_model_name_or_path")
+        print(f"[eval] LoRA adapter {path} on the base model {base}", flush=True)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=args.dtype, **load)
         model = PeftModel.from_pretrained(model, path)
         if args.merge_adapter:
@@ -205,8 +234,12 @@ def run_eval(args: EvalArguments) -> EvalResult:
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> EvalResult:
     """Parse flags / ``--config`` (``argv``, default ``sys.argv[1:]``) and :func:`run_eval`."""
     parser = make_parser(prog)
-    args, config_remaining, cli_remaining = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True)
+    try:
+        args, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+        check_env_id(args.env_id)
+    except ValueError as exc:  # validation of the arguments: a usage error (exit code 2)
+        usage_error(parser.prog, exc)
     if cli_remaining:
         parser.error(f"unrecognized arguments: {' '.join(cli_remaining)}")
     if config_remaining:

@@ -8,23 +8,34 @@
     trl-aem train --config examples/recipes/qwen2.5-1.5b-household-lora.yaml --max_steps 10
 
 Every field of AEMGRPOConfig (TRL's GRPOConfig + AEM + env_*), TRL's ModelConfig (model, dtype, LoRA) and
-:class:`AgentArguments` can be set in the YAML file or as --flags; ``--help`` lists them all. The same script runs
-as ``python -m trl_aem.scripts.train_agent`` and as ``python examples/train_agent.py``.
+:class:`AgentArguments` can be set in the YAML file or as --flags; ``--help`` lists them all. A key or flag that is
+none of these is an error, unless it is an option of ``accelerate launch`` (``num_processes: 4``): then
+``trl-aem train`` (and ``python examples/train_agent.py`` / ``python -m trl_aem.scripts.train_agent``, which run
+the same command) relaunch the script through ``accelerate launch`` with it. Under ``accelerate launch ... script``
+the launcher's own command line applies, and such keys of the YAML file are accepted (with a note: they are not
+applied there).
 
 What ends up in ``output_dir``: the trained model (or, with ``use_peft``, the LoRA adapter) and its tokenizer,
 ``train_results.json`` (TRL's training metrics), ``eval_results.json`` (held-out success before and after RL, when
-``eval_tasks > 0``) and ``trainer_state.json`` (the whole log history, AEM and env metrics included). When LoRA sits
-on a model that was built in code (``tiny_model``) or changed by the warm start, that base model is saved to
-``output_dir/base_model`` and the adapter points to it, so ``trl-aem eval --model_name_or_path <output_dir>`` works.
+``eval_tasks > 0``), ``trainer_state.json`` (the whole log history, AEM and env metrics included), ``plots/``
+(PNG training curves, with ``aem_plots``, the default) and, with ``warm_start_steps > 0``, ``warm_start/`` (the
+output folder of the supervised warm start's ``SFTTrainer``). When LoRA sits on a model that was built in code
+(``tiny_model``) or changed by the warm start, that base model is saved to ``output_dir/base_model`` and the adapter
+points to it, so ``trl-aem eval --model_name_or_path <output_dir>`` works (also after moving ``output_dir``).
+
+The held-out evaluation before and after RL runs on the main process only (the others wait). With sharded weights
+(DeepSpeed ZeRO-3, FSDP) it is skipped, with a warning: evaluate the saved model with ``trl-aem eval`` afterwards.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from accelerate import PartialState  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
@@ -39,7 +50,7 @@ from ..agents import (  # noqa: E402
 from ..config import AEMGRPOConfig  # noqa: E402
 from ..envs import env_vocabulary  # noqa: E402
 from ..tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
-from . import resolve_env_id  # noqa: E402
+from . import check_env_id, resolve_env_id, usage_error  # noqa: E402
 
 #: First seed of the expert trajectories used for the warm start (apart from training and evaluation seeds).
 WARM_START_SEED_OFFSET = 1_000_000
@@ -92,6 +103,36 @@ def build_model_and_tokenizer(agent_args: AgentArguments, training_args: AEMGRPO
     return model, tokenizer
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def sharded_weights(training_args: AEMGRPOConfig, trainer=None) -> str | None:
+    """``"DeepSpeed ZeRO-3"`` or ``"FSDP"`` when the model's weights are sharded across processes, else ``None``.
+
+    Read from the trainer once it exists (``is_fsdp_enabled``, ``is_deepspeed_enabled`` and the accelerator's ZeRO
+    stage), and before that from the training arguments (``fsdp``, ``deepspeed``) and from what ``accelerate launch``
+    puts in the environment of the processes it starts (``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED``,
+    ``ACCELERATE_DEEPSPEED_ZERO_STAGE``).
+    """
+    if trainer is not None:
+        if getattr(trainer, "is_fsdp_enabled", False):
+            return "FSDP"
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            plugin = trainer.accelerator.state.deepspeed_plugin
+            if plugin is not None and plugin.zero_stage == 3:
+                return "DeepSpeed ZeRO-3"
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if (is_deepspeed_zero3_enabled() or (plugin is not None and getattr(plugin, "zero_stage", None) == 3)
+            or (_env_true("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")):
+        return "DeepSpeed ZeRO-3"
+    if getattr(training_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
 def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: ModelConfig):
     """Build the model, optionally warm-start it, train it with AEM in the environment, evaluate, save.
 
@@ -104,20 +145,40 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
     model, tokenizer = build_model_and_tokenizer(agent_args, training_args, model_args)
     results: dict[str, EvalResult] = {}
 
-    def report(stage: str, key: str):
-        if agent_args.eval_tasks <= 0:
+    is_main_process = training_args.process_index == 0
+    sharded = sharded_weights(training_args)
+    skip_warned = False
+
+    def skip_evaluation(backend: str) -> bool:
+        """With sharded weights no single process holds the model: warn once (main process), and skip."""
+        nonlocal skip_warned
+        if is_main_process and not skip_warned:
+            print(f"[eval] warning: the held-out evaluation before and after RL (eval_tasks={agent_args.eval_tasks}) "
+                  f"is skipped: the weights are sharded across processes ({backend}), and it generates with the "
+                  "whole model on one process. Evaluate the saved model afterwards: `trl-aem eval --config <recipe> "
+                  f"--model_name_or_path {training_args.output_dir}`.", file=sys.stderr, flush=True)
+        skip_warned = True
+        return True
+
+    def report(stage: str, key: str, backend: str | None):
+        """Evaluate on held-out tasks: on the main process only (the others wait), or not at all when sharded."""
+        if agent_args.eval_tasks <= 0 or (backend is not None and skip_evaluation(backend)):
             return
-        device = training_args.device
-        if device.type != "cpu" and next(model.parameters()).device.type == "cpu":
-            model.to(device)  # evaluate a freshly loaded model on the accelerator, not on the CPU
-        result = evaluate(agent_args.env_id, "model", model=model, tokenizer=tokenizer, num_tasks=agent_args.eval_tasks,
-                          env_kwargs=env_kwargs, greedy=False, temperature=training_args.temperature,
-                          max_turns=training_args.env_max_turns,
-                          max_new_tokens_per_turn=training_args.env_max_new_tokens_per_turn,
-                          max_completion_length=training_args.max_completion_length,
-                          prompt=agent_args.prompt, system_prompt=training_args.env_system_prompt)
-        results[key] = result
-        print(f"[eval] {stage:<12} {result}", flush=True)
+        if is_main_process:
+            # Plain model.generate on the unwrapped model: no collective, so the other processes need not take part.
+            device = training_args.device
+            if device.type != "cpu" and next(model.parameters()).device.type == "cpu":
+                model.to(device)  # evaluate a freshly loaded model on the accelerator, not on the CPU
+            result = evaluate(agent_args.env_id, "model", model=model, tokenizer=tokenizer,
+                              num_tasks=agent_args.eval_tasks, env_kwargs=env_kwargs, greedy=False,
+                              temperature=training_args.temperature, max_turns=training_args.env_max_turns,
+                              max_new_tokens_per_turn=training_args.env_max_new_tokens_per_turn,
+                              max_completion_length=training_args.max_completion_length,
+                              prompt=agent_args.prompt, system_prompt=training_args.env_system_prompt)
+            results[key] = result
+            print(f"[eval] {stage:<12} {result}", flush=True)
+        if training_args.world_size > 1:
+            PartialState().wait_for_everyone()  # every process calls it: the others wait for the evaluation
 
     if agent_args.warm_start_steps > 0:
         sft_data = expert_sft_dataset(agent_args.env_id, range(WARM_START_SEED_OFFSET, WARM_START_SEED_OFFSET + 200),
@@ -126,9 +187,9 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
                                       max_turns=training_args.env_max_turns)
         model = warm_start(model, tokenizer, sft_data, max_steps=agent_args.warm_start_steps,
                            output_dir=os.path.join(training_args.output_dir, "warm_start"), seed=training_args.seed)
-        report("warm start", "before")
+        report("warm start", "before", sharded)
     else:
-        report("start", "before")
+        report("start", "before", sharded)
 
     peft_config = get_peft_config(model_args)
     if peft_config is not None and (agent_args.tiny_model or agent_args.warm_start_steps > 0):
@@ -150,7 +211,7 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
     )
     train_result = trainer.train()
     model = trainer.model
-    report("after RL", "after")
+    report("after RL", "after", sharded_weights(training_args, trainer))
     trainer.save_model(training_args.output_dir)
     trainer.save_metrics("train", train_result.metrics)
     if results:
@@ -166,16 +227,81 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
     return trainer
 
 
-def main(argv: list[str] | None = None, *, fail_with_unknown_args: bool = True, prog: str | None = None):
-    """Parse the recipe/flags (``argv``, default ``sys.argv[1:]``) and :func:`train`; returns the trainer."""
-    parser = make_parser(prog)
-    agent_args, training_args, model_args = parser.parse_args_and_config(argv,
-                                                                         fail_with_unknown_args=fail_with_unknown_args)
+def check_args(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: ModelConfig) -> None:
+    """Usage checks beyond the dataclasses' own validation; raises ``ValueError``."""
     if model_args.model_name_or_path is None and not agent_args.tiny_model:
-        parser.error("set --model_name_or_path (or --tiny_model true)")
-    return train(agent_args, training_args, model_args)
+        raise ValueError("set --model_name_or_path (or --tiny_model true)")
+    check_env_id(agent_args.env_id)
+
+
+def launched_by_accelerate() -> bool:
+    """Whether this process was started by ``accelerate launch`` (or ``torchrun``), which set these variables."""
+    from ..cli import LAUNCHED_BY_TRL_AEM
+
+    return any(name in os.environ for name in (LAUNCHED_BY_TRL_AEM, "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK"))
+
+
+def _check_leftovers(parser: TrlParser, config_remaining: list[str], cli_remaining: list[str]) -> None:
+    """Arguments the dataclasses do not know: typos are errors; ``accelerate launch`` options are accepted only in a
+    process that ``accelerate launch`` started (elsewhere nobody would apply them)."""
+    if not config_remaining and not cli_remaining:
+        return
+    from ..cli import LAUNCHED_BY_TRL_AEM, CommandError, check_launch_options
+
+    try:
+        check_launch_options(config_remaining)
+        check_launch_options(cli_remaining)
+    except (CommandError, ValueError) as exc:
+        usage_error(parser.prog, exc)
+    keys = ", ".join(arg.lstrip("-").split("=", 1)[0] for arg in config_remaining + cli_remaining
+                     if arg.startswith("-"))
+    if not launched_by_accelerate():
+        usage_error(parser.prog, f"{keys}: `accelerate launch` option(s), which nothing applies in this process (it "
+                                 "was not started by `accelerate launch`). Run `trl-aem train` with the same "
+                                 "arguments (it relaunches through `accelerate launch`), or `accelerate launch <its "
+                                 "options> examples/train_agent.py <training options>`.")
+    if cli_remaining:
+        usage_error(parser.prog, f"{' '.join(cli_remaining)}: `accelerate launch` option(s) after the script name "
+                                 "reach the script, not the launcher: put them before the script name, or use "
+                                 "`trl-aem train`.")
+    if os.environ.get(LAUNCHED_BY_TRL_AEM) is None and os.environ.get("RANK", "0") == "0":
+        print(f"[train] note: config key(s) {keys} are `accelerate launch` options; this process was started by "
+              "`accelerate launch` itself, which reads only its own command line and config file, so they are not "
+              "applied (`trl-aem train --config ...` applies them).", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None):
+    """Parse the recipe/flags (``argv``, default ``sys.argv[1:]``) and :func:`train`; returns the trainer.
+
+    Usage errors (unknown options or YAML keys, bad values) print ``<prog>: error: <message>`` and exit with code 2.
+    Options of ``accelerate launch`` are accepted only in a process started by ``accelerate launch``; elsewhere
+    they are an error pointing to ``trl-aem train``, which relaunches (:func:`run_script` does the same).
+    """
+    parser = make_parser(prog)
+    try:
+        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+        check_args(*parsed)
+    except ValueError as exc:  # validation of the configuration: a usage error
+        usage_error(parser.prog, exc)
+    _check_leftovers(parser, config_remaining, cli_remaining)
+    return train(*parsed)
+
+
+def run_script(argv: list[str] | None = None) -> int:
+    """``python -m trl_aem.scripts.train_agent`` / ``python examples/train_agent.py``: returns the exit code.
+
+    In a process started by ``accelerate launch``, :func:`main`. Otherwise the same as ``trl-aem train``: in this
+    process, or relaunched through ``accelerate launch`` when the arguments or the YAML file hold its options.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if launched_by_accelerate():
+        main(argv)
+        return 0
+    from ..cli import run_train
+
+    return run_train(argv, prog=os.path.basename(sys.argv[0]) or "train_agent.py")
 
 
 if __name__ == "__main__":
-    # As TRL's scripts: keys of the YAML recipe meant for `accelerate launch` (e.g. num_processes) are tolerated.
-    main(fail_with_unknown_args=False)
+    raise SystemExit(run_script())
