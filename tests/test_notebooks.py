@@ -1,7 +1,10 @@
 """Every notebook in examples/notebooks runs top to bottom on CPU (nbclient, a python3 kernel of this interpreter),
-writes nothing into the repository, and shows what it claims: each ends with one JSON summary line checked here."""
+writes nothing into the repository, and shows what it claims: each ends with one JSON summary line checked here.
+The GPU section of each is opt-in (RUN_ON_GPU=1); without it the first cell switches the Hugging Face Hub off."""
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +18,8 @@ NOTEBOOK_DIR = ROOT / "examples" / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 WHICH_PYTHON = "import sys; print('KERNEL_PYTHON', sys.prefix)"
 GPU_HEADING = "## On a GPU with a real model"
+GPU_SKIPPED = "GPU section skipped (opt in: RUN_ON_GPU=1 on a machine with a GPU)."
+OPT_IN = 'RUN_ON_GPU = os.environ.get("RUN_ON_GPU") == "1" and torch.cuda.is_available()'
 
 
 def run_notebook(path: Path) -> tuple[nbformat.NotebookNode, list[str]]:
@@ -51,15 +56,39 @@ def test_notebooks_are_stored_without_outputs_and_with_a_guarded_gpu_section():
         code = [cell for cell in nb.cells if cell.cell_type == "code"]
         assert all(not cell.outputs and cell.execution_count is None for cell in code), path.name
         assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), path.name
-        assert 'os.environ["HF_HUB_OFFLINE"] = "1"' in code[0].source, path.name
-        assert "RUN_ON_GPU = torch.cuda.is_available()" in code[0].source, path.name
+        # opt-in GPU section; the Hub is switched off only when it does not run (it downloads a model)
+        assert OPT_IN in code[0].source, path.name
+        assert 'if not RUN_ON_GPU:\n    os.environ["HF_HUB_OFFLINE"] = "1"' in code[0].source, path.name
         headings = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown" and GPU_HEADING in cell.source]
         assert len(headings) == 1, path.name
+        assert "RUN_ON_GPU=1" in nb.cells[headings[0]].source, path.name  # the heading says how to turn it on
         gpu_cell = nb.cells[headings[0] + 1]
         assert gpu_cell.cell_type == "code" and gpu_cell.source.startswith("if RUN_ON_GPU:"), path.name
+        assert gpu_cell.source.endswith(f'print("{GPU_SKIPPED}")'), path.name
         for cell in code:
             if "GRPOConfig(" in cell.source and cell is not gpu_cell:  # every CPU config: the CPU settings
                 assert all(s in cell.source for s in ('bf16=False', 'use_cpu=True', 'report_to="none"')), path.name
+
+
+@pytest.mark.parametrize("requested", [None, "0", "1"], ids=["unset", "RUN_ON_GPU=0", "RUN_ON_GPU=1"])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_the_gpu_section_is_opt_in_and_the_hub_is_off_without_it(path, requested, monkeypatch):
+    """The first cell, run here: the GPU section runs only when asked for (RUN_ON_GPU=1) on a GPU; otherwise the
+    Hub is switched off (and when it runs, HF_HUB_OFFLINE is left as the environment has it, so it can download)."""
+    import torch
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # restored after the test
+    if requested is None:
+        monkeypatch.delenv("RUN_ON_GPU", raising=False)
+    else:
+        monkeypatch.setenv("RUN_ON_GPU", requested)
+    first = next(cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code")
+    namespace = {}
+    exec(compile(first.source, f"{path.name}:first cell", "exec"), namespace)
+    shutil.rmtree(namespace["OUTPUT_DIR"])
+    runs = requested == "1" and torch.cuda.is_available()
+    assert namespace["RUN_ON_GPU"] is runs
+    assert os.environ.get("HF_HUB_OFFLINE") == (None if runs else "1")
 
 
 def check_quickstart(summary, nb):
@@ -74,6 +103,16 @@ def check_quickstart(summary, nb):
     if all(frac == 1.0 for frac in summary["gated_frac"]):  # fully gated AEM is GRPO, step for step
         assert summary["rewards_match_grpo"]
     assert summary["ungated"]["aem/alpha_std"] > 0.01 and summary["ungated"]["aem/gated_frac"] == 0.0
+    per_step = summary["per_step"]
+    assert [entry["step"] for entry in per_step["gated"]] == [entry["step"] for entry in per_step["ungated"]] == [
+        1, 2, 3, 4]
+    for entry in per_step["gated"] + per_step["ungated"]:
+        assert abs(entry["aem/alpha_mean"] - 1.0) < 1e-5, entry  # alpha averages to 1 within each group
+    for entry in per_step["gated"]:
+        if entry["aem/gated_frac"] == 1.0:  # every group gated: alpha = 1 everywhere
+            assert entry["aem/alpha_std"] < 1e-6, entry
+    for entry in per_step["ungated"]:  # no gate: every step modulates
+        assert entry["aem/alpha_std"] > 0 and entry["aem/gated_frac"] == 0.0, entry
 
 
 def check_multi_turn(summary, nb):
@@ -104,7 +143,16 @@ def check_custom_env(summary, nb):
     assert summary["registered"] and summary["env_id"] == "my_envs/Counter-v0"
     assert summary["expert_success"] == 1.0 and summary["protocol_error_caught"]
     assert summary["trained_steps"] == [1, 2, 3] and summary["aem_logged"]
-    assert all(0.0 <= value <= 1.0 for value in summary["success"].values())
+    # the expert solves every task, also built from a factory instead of a registered id
+    assert summary["baselines"]["expert"] == 1.0 and summary["baselines"]["factory"] == 1.0
+    assert set(summary["evaluations"]) == set(summary["success"]) == {"untrained", "warm_start", "after_rl"}
+    for name, evaluation in summary["evaluations"].items():
+        assert evaluation["num_tasks"] == evaluation["episodes"] == 30, name
+        assert evaluation["success_rate"] == summary["success"][name] == evaluation["episode_success_rate"], name
+        assert 1.0 <= evaluation["mean_turns"] <= 4.0, name  # max_turns=4
+    assert {"env/success_rate", "env/turns_mean", "env/invalid_action_rate", "aem/alpha_mean", "aem/alpha_std",
+            "aem/gated_frac", "reward", "entropy"} <= set(summary["log_keys"])
+    assert all(1.0 <= turns <= 4.0 for turns in summary["turns_per_step"])
 
 
 CHECKS = {"01_quickstart": check_quickstart, "02_multi_turn_agent": check_multi_turn,
@@ -121,7 +169,7 @@ def test_notebook_runs_on_cpu(path, monkeypatch):
     nb, lines = run_notebook(path)
     kernel_prefix = [line.split(" ", 1)[1] for line in lines if line.startswith("KERNEL_PYTHON ")]
     assert kernel_prefix == [sys.prefix], (kernel_prefix, sys.prefix)  # the kernel runs this interpreter's environment
-    assert any(line == "No GPU here: skipped." for line in lines)
+    assert any(line == GPU_SKIPPED for line in lines)
     assert {p.relative_to(ROOT) for p in NOTEBOOK_DIR.rglob("*")} == before, "the notebook wrote into the repository"
     summary = summary_of(lines)
     assert summary["notebook"] == path.stem
