@@ -29,6 +29,31 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i >= 0)
 
 
+def benchmark_config_args(opts, output_dir: str, tokenizer, seed: int, completion_length: int,
+                          device: str = "cpu") -> dict:
+    """GRPOConfig keyword arguments both benchmarks time with: ``opts.warmup + opts.steps`` silent steps of
+    ``opts.batch_size`` completions (``opts.num_generations`` per group) of fixed length (special tokens suppressed),
+    no logging, saving or tracking; bf16 on CUDA, float32 on the CPU."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=opts.batch_size,
+        num_generations=opts.num_generations,
+        max_completion_length=completion_length,
+        max_steps=opts.warmup + opts.steps,
+        learning_rate=1e-5,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        report_to="none",
+        logging_steps=10**9,
+        save_strategy="no",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        generation_kwargs={"suppress_tokens": special_token_ids(tokenizer)},
+    )
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
     try:

@@ -69,8 +69,10 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
+from trl_aem.envs import CodeBreaker  # noqa: E402
+
 ENV_ID = "trl_aem/CodeBreaker-v0"
-ENV_KWARGS = {"code_length": 1, "num_symbols": 3, "max_guesses": 3}
+ENV_KWARGS = dict(CodeBreaker.EASIEST)  # the CPU demo's setting
 MAX_TURNS, TOKENS_PER_TURN = 3, 4
 SYSTEM_PROMPT = "you are a helpful agent ."
 EVAL_SEED_OFFSET = 100_000
@@ -124,11 +126,9 @@ QUICK = dict(seeds=2, steps=3, tasks_per_step=2, num_generations=4, sft_steps=4,
 # ------------------------------------------------------------------------------------------------ model and runs
 def _tokenizer_and_model(seed: int, hidden_size: int, layers: int):
     from trl_aem import DEFAULT_PROMPT
-    from trl_aem.envs import env_vocabulary
-    from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer
+    from trl_aem.tiny import build_agent_tokenizer, build_tiny_qwen2
 
-    tokenizer = build_word_tokenizer(env_vocabulary(ENV_ID, **ENV_KWARGS) + DEFAULT_PROMPT.split()
-                                     + SYSTEM_PROMPT.split())
+    tokenizer = build_agent_tokenizer(ENV_ID, ENV_KWARGS, DEFAULT_PROMPT, SYSTEM_PROMPT)
     model = build_tiny_qwen2(tokenizer, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, seed=seed)
     return tokenizer, model

@@ -89,7 +89,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 import trl_aem  # noqa: E402
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
 
-from _common import cpu_model, padded_word_tokenizer, parity_fraction, special_token_ids  # noqa: E402
+from _common import benchmark_config_args, cpu_model, padded_word_tokenizer, parity_fraction  # noqa: E402
 
 SEED = 1234
 #: Real words of the task; the vocabulary is padded to the model's vocabulary size with dummy words ``w0, w1, ...``.
@@ -346,23 +346,8 @@ def run(opts, arch: dict, device: str) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="aem-memory-") as tmp:
         args = AEMGRPOConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=opts.batch_size,
-            num_generations=opts.num_generations,
-            max_completion_length=completion_length,
-            max_steps=opts.warmup + opts.steps,
-            learning_rate=1e-5,
-            bf16=device == "cuda",
-            use_cpu=device == "cpu",
+            **benchmark_config_args(opts, tmp, tokenizer, SEED, completion_length, device),
             gradient_checkpointing=opts.gradient_checkpointing,
-            report_to="none",
-            logging_steps=10**9,
-            save_strategy="no",
-            seed=SEED,
-            data_seed=SEED,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            generation_kwargs={"suppress_tokens": special_token_ids(tokenizer)},
             env_max_turns=opts.turns,
             env_max_new_tokens_per_turn=opts.tokens_per_turn,
             env_num_workers=1,

@@ -92,7 +92,7 @@ from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
 from trl_aem import generation as aem_generation  # noqa: E402
 from trl_aem.tiny import build_tiny_qwen2  # noqa: E402
 
-from _common import cpu_model, padded_word_tokenizer, parity_fraction, special_token_ids  # noqa: E402
+from _common import benchmark_config_args, cpu_model, padded_word_tokenizer, parity_fraction  # noqa: E402
 
 ARMS = ("GRPO", "AEM")
 SEED = 1234
@@ -302,32 +302,11 @@ class StepTimer(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------- trainers
-def common_args(opts, output_dir: str, tokenizer, completion_length: int) -> dict:
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=opts.batch_size,
-        num_generations=opts.num_generations,
-        max_completion_length=completion_length,
-        max_steps=opts.warmup + opts.steps,
-        learning_rate=1e-5,
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        logging_steps=10**9,
-        save_strategy="no",
-        seed=SEED,
-        data_seed=SEED,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        generation_kwargs={"suppress_tokens": special_token_ids(tokenizer)},
-    )
-
-
 def build_single(opts, sizes, tokenizer, output_dir: str) -> dict:
     rows = [{"prompt": [{"role": "user", "content": f"say {t} words ."}], "target": t}
             for t in ("even", "odd") * 32]
     dataset = Dataset.from_list(rows)
-    args = common_args(opts, output_dir, tokenizer, sizes["completion_length"])
+    args = benchmark_config_args(opts, output_dir, tokenizer, SEED, sizes["completion_length"])
     grpo = trl.GRPOTrainer(model=build_model(tokenizer, sizes), reward_funcs=parity_reward,
                            args=trl.GRPOConfig(**args), train_dataset=dataset, processing_class=tokenizer)
     aem = AEMGRPOTrainer(model=build_model(tokenizer, sizes), reward_funcs=parity_reward,
@@ -342,7 +321,7 @@ def build_multi(opts, sizes, tokenizer, output_dir: str) -> dict:
     completion_length = turns * (per_turn + 16)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "answer the task ."}], "seed": i}
                                  for i in range(64)])
-    args = common_args(opts, output_dir, tokenizer, completion_length)
+    args = benchmark_config_args(opts, output_dir, tokenizer, SEED, completion_length)
     args.update(env_max_turns=turns, env_max_new_tokens_per_turn=per_turn, env_num_workers=1, env_timeout=None,
                 aem_min_entropy_range=0.0)
 

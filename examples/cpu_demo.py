@@ -37,14 +37,14 @@ from trl_aem import (  # noqa: E402
     make_env_dataset,
     warm_start,
 )
-from trl_aem.envs import env_vocabulary  # noqa: E402
-from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+from trl_aem.envs import CodeBreaker  # noqa: E402
+from trl_aem.tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
 
 #: Built-in settings a tiny model can learn on CPU: (gymnasium id, difficulty knobs, max turns, tokens per turn).
 PRESETS = {
     # Code breaking: one secret symbol out of 4, 4 guesses; the feedback after each guess rules symbols out, so a
     # policy that never repeats a failed guess always wins (random guessing: about 68%).
-    "codebreaker": ("trl_aem/CodeBreaker-v0", {"code_length": 1, "num_symbols": 3, "max_guesses": 3}, 3, 4),
+    "codebreaker": ("trl_aem/CodeBreaker-v0", dict(CodeBreaker.EASIEST), 3, 4),
     # Pick-and-place, 2 locations, the agent starts where the object is: take, go, put.
     "household": ("trl_aem/Household-v0", {"num_locations": 2, "num_distractors": 0, "task_types": ["pick"],
                                            "start_at_object": True, "open_containers": True}, 5, 10),
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     ENV_ID, ENV_KWARGS, max_turns, tokens_per_turn = PRESETS[args.env]
     limits = {"max_turns": max_turns, "max_new_tokens_per_turn": tokens_per_turn}
 
-    tokenizer = build_word_tokenizer(env_vocabulary(ENV_ID, **ENV_KWARGS) + DEFAULT_PROMPT.split() + SYSTEM_PROMPT.split())
+    tokenizer = build_agent_tokenizer(ENV_ID, ENV_KWARGS, DEFAULT_PROMPT, SYSTEM_PROMPT)
     model = build_tiny_qwen2(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                              num_attention_heads=4, num_key_value_heads=2, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())

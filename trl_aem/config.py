@@ -19,6 +19,18 @@ def _check_number(name: str, value, *, minimum: float = 0.0) -> None:
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
 
 
+def parse_env_kwargs(value):
+    """``env_kwargs`` as given in Python, YAML or on the command line: a dict, a JSON object string, or ``None``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"env_kwargs must be a JSON object string or a dict, got {value!r}") from exc
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"env_kwargs must be a dict of keyword arguments for gymnasium.make, got {value!r}")
+    return value
+
+
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -140,13 +152,7 @@ class AEMGRPOConfig(GRPOConfig):
             _check_number("env_timeout", self.env_timeout)
             if self.env_timeout == 0:
                 raise ValueError("env_timeout must be > 0 seconds, or None for no limit")
-        if isinstance(self.env_kwargs, str):
-            try:
-                self.env_kwargs = json.loads(self.env_kwargs)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"env_kwargs must be a dict or a JSON object string, got {self.env_kwargs!r}") from exc
-        if self.env_kwargs is not None and not isinstance(self.env_kwargs, dict):
-            raise ValueError(f"env_kwargs must be a dict of keyword arguments for gymnasium.make, got {self.env_kwargs!r}")
+        self.env_kwargs = parse_env_kwargs(self.env_kwargs)
         if not isinstance(self.env_raise_on_error, bool):
             raise ValueError(f"env_raise_on_error must be True or False, got {self.env_raise_on_error!r}")
         if not isinstance(self.aem_plots, bool):

@@ -66,6 +66,15 @@ def build_word_tokenizer(words: Iterable[str], chat_template: str | None = "qwen
     return tokenizer
 
 
+def build_agent_tokenizer(env_id: str, env_kwargs: dict | None, prompt: str,
+                          system_prompt: str | None = None) -> PreTrainedTokenizerFast:
+    """The word tokenizer of a tiny agent: the environment's vocabulary, then the prompt's and system prompt's words."""
+    from .envs import env_vocabulary
+
+    return build_word_tokenizer(env_vocabulary(env_id, **(env_kwargs or {})) + prompt.split()
+                                + (system_prompt or "").split())
+
+
 def build_tiny_qwen2(
     tokenizer: PreTrainedTokenizerFast,
     hidden_size: int = 64,

@@ -453,9 +453,10 @@ class AEMGRPOTrainer(GRPOTrainer):
             self._env_last_rollout = None
 
     def _env_log_trajectory_table(self) -> None:
-        """Log ``args.env_log_trajectories`` episodes of the last rollout as ``{mode}/env/trajectories`` to wandb."""
-        report_to = self.args.report_to or []
-        if not self.accelerator.is_main_process or "wandb" not in report_to:
+        """Log ``args.env_log_trajectories`` episodes of the last rollout as ``{mode}/env/trajectories`` to wandb.
+
+        The rollout is only kept (``_env_rollout_output``) when ``report_to`` includes wandb."""
+        if not self.accelerator.is_main_process:
             return
         import wandb
 

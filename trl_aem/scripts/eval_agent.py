@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from ..agents import DEFAULT_PROMPT, EvalResult, evaluate  # noqa: E402
-from ..envs import env_vocabulary  # noqa: E402
-from ..tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+from ..config import parse_env_kwargs  # noqa: E402
+from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
 from . import check_env_id, resolve_env_id, usage_error  # noqa: E402
 
 POLICIES = ("model", "expert", "random")
@@ -109,13 +109,7 @@ class EvalArguments:
     progress: bool = field(default=False, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self):
-        if isinstance(self.env_kwargs, str):
-            try:
-                self.env_kwargs = json.loads(self.env_kwargs)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"env_kwargs must be a JSON object string, got {self.env_kwargs!r}") from exc
-        if self.env_kwargs is not None and not isinstance(self.env_kwargs, dict):
-            raise ValueError(f"env_kwargs must be a dict of keyword arguments, got {self.env_kwargs!r}")
+        self.env_kwargs = parse_env_kwargs(self.env_kwargs)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         for name in ("num_tasks", "k", "env_max_turns", "env_max_new_tokens_per_turn", "max_completion_length",
@@ -168,8 +162,7 @@ def load_model_and_tokenizer(args: EvalArguments):
     if args.model_name_or_path is None:
         if not args.tiny_model:
             raise ValueError('policy="model" needs --model_name_or_path (or --tiny_model true for a smoke run)')
-        tokenizer = build_word_tokenizer(env_vocabulary(args.env_id, **(args.env_kwargs or {})) + args.prompt.split()
-                                         + (args.env_system_prompt or "").split())
+        tokenizer = build_agent_tokenizer(args.env_id, args.env_kwargs, args.prompt, args.env_system_prompt)
         return build_tiny_qwen2(tokenizer, hidden_size=args.tiny_hidden_size, seed=args.seed), tokenizer
 
     path = args.model_name_or_path

@@ -48,8 +48,7 @@ from ..agents import (  # noqa: E402
     warm_start,
 )
 from ..config import AEMGRPOConfig  # noqa: E402
-from ..envs import env_vocabulary  # noqa: E402
-from ..tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
 from . import check_env_id, resolve_env_id, usage_error  # noqa: E402
 
 #: First seed of the expert trajectories used for the warm start (apart from training and evaluation seeds).
@@ -87,9 +86,8 @@ def make_parser(prog: str | None = None) -> TrlParser:
 def build_model_and_tokenizer(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: ModelConfig):
     """Load ``model_name_or_path`` (or build the tiny model in code) and its tokenizer."""
     if agent_args.tiny_model:
-        env_kwargs = training_args.env_kwargs or {}
-        tokenizer = build_word_tokenizer(env_vocabulary(agent_args.env_id, **env_kwargs) + agent_args.prompt.split()
-                                         + (training_args.env_system_prompt or "").split())
+        tokenizer = build_agent_tokenizer(agent_args.env_id, training_args.env_kwargs, agent_args.prompt,
+                                          training_args.env_system_prompt)
         model = build_tiny_qwen2(tokenizer, hidden_size=agent_args.tiny_hidden_size, seed=training_args.seed)
         return model, tokenizer
     if model_args.model_name_or_path is None:
