@@ -33,6 +33,8 @@ from typing import Any
 
 import gymnasium
 
+from .envs import resolve_env_id
+
 logger = logging.getLogger(__name__)
 
 #: ``generate(contexts, max_new_tokens) -> (tokens, entropies)`` or ``(tokens, entropies, logprobs)``: for every
@@ -116,14 +118,12 @@ class Episode:
 
 
 def make_env_factory(env: str | Callable[[], gymnasium.Env], env_kwargs: dict | None = None) -> Callable[[], Any]:
-    """Turn a gymnasium id (``"trl_aem/Household-v0"``) or a factory into a zero-argument factory."""
+    """Turn a gymnasium id (``"trl_aem/Household-v0"``, or ``"module:EnvId"``) or a factory into a zero-argument
+    factory; an id is checked now (:func:`trl_aem.envs.resolve_env_id`), a ``ValueError`` naming it if unknown."""
     if isinstance(env, str):
         kwargs = dict(env_kwargs or {})
-        try:
-            gymnasium.spec(env)
-        except Exception as exc:  # gymnasium raises several error types for unknown ids
-            raise ValueError(f"env={env!r} is not a registered gymnasium id ({exc})") from exc
-        return lambda: gymnasium.make(env, **kwargs)
+        env_id = resolve_env_id(env, name="env")
+        return lambda: gymnasium.make(env_id, **kwargs)
     if callable(env):
         if env_kwargs:
             return lambda: env(**env_kwargs)

@@ -12,10 +12,15 @@ word-level tokenizer can be built from :func:`env_vocabulary`. Rewards are spars
 success on the final step (Shop: ``10 * score`` on ``buy``), minus ``invalid_action_penalty`` for an
 invalid action. ``reset(seed=s, options=row)`` fixes the task; ``info["success"]`` and
 ``info["invalid_action"]`` are set on every step.
+
+:func:`resolve_env_id` is how every part of trl_aem that takes an environment id (``AEMGRPOTrainer(env=...)``,
+:func:`trl_aem.evaluate`, :func:`env_vocabulary`, ``trl-aem train/eval --env_id``) reads it: a registered id, or
+gymnasium's ``"module:EnvId"`` form, which imports ``module`` (the code that registers ``EnvId``) first.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,6 +55,7 @@ __all__ = [
     "parse_listed_actions",
     "random_policy_action",
     "register_envs",
+    "resolve_env_id",
     "score_purchase",
     "split_words",
 ]
@@ -83,18 +89,53 @@ def register_envs() -> None:
 
 register_envs()
 
+#: What the errors of :func:`resolve_env_id` suggest.
+_ENV_ID_HINT = ("`trl-aem env list` shows the built-in ones, and gymnasium's `module:id` form imports the module that "
+                "registers yours")
+
+
+def resolve_env_id(env_id: str, *, name: str = "env_id") -> str:
+    """The registered gymnasium id ``env_id`` names; gymnasium's ``"module:EnvId"`` form imports ``module`` first.
+
+    ``"my_package.envs:my_envs/Counter-v0"`` imports ``my_package.envs`` (which calls ``gymnasium.register``) and
+    returns ``"my_envs/Counter-v0"``; a plain id is returned unchanged. Resolving twice is harmless.
+
+    Args:
+        env_id: a registered gymnasium id, or ``"module:EnvId"``.
+        name: the argument or field the id came from, named in the errors (``"env"``, ``"env_id"``).
+
+    Raises:
+        ValueError: naming ``name`` and ``env_id``, when the module cannot be imported or the id is not registered.
+    """
+    if not isinstance(env_id, str):
+        raise ValueError(f"{name} must be a gymnasium id (a string), got {type(env_id).__name__}")
+    module, colon, env_name = env_id.partition(":")
+    if not colon:
+        env_name = env_id
+    elif not module or not env_name:
+        raise ValueError(f"{name} {env_id!r}: gymnasium's `module:id` form needs both a module and an id")
+    else:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"{name} {env_id!r}: cannot import the module {module!r} before ':' ({exc}); it should "
+                             "be importable (on sys.path) and register the id with gymnasium.register") from exc
+    try:
+        gym.spec(env_name)
+    except gym.error.Error as exc:  # unknown id, namespace or version (several subclasses)
+        raise ValueError(f"{name} {env_id!r} is not a registered gymnasium id ({exc}); {_ENV_ID_HINT}") from exc
+    return env_name
+
 
 def env_class(env_id: str) -> type[TextEnv]:
-    """The environment class behind a built-in id or short name (``"shop"`` or ``"trl_aem/Shop-v0"``)."""
+    """The environment class behind an id (``"trl_aem/Shop-v0"``, ``"module:EnvId"``) or a short name (``"shop"``)."""
     env_id = BUILTIN_ENVS.get(env_id, env_id)
     if env_id in _CLASSES:
         return _CLASSES[env_id]
-    spec = gym.spec(env_id)
-    cls = spec.entry_point
+    env_id = resolve_env_id(env_id)
+    cls = gym.spec(env_id).entry_point
     if isinstance(cls, str):
         module, _, name = cls.partition(":")
-        import importlib
-
         cls = getattr(importlib.import_module(module), name)
     if not (isinstance(cls, type) and issubclass(cls, TextEnv)):
         raise ValueError(f"{env_id!r} is not a trl_aem text environment")
@@ -105,7 +146,7 @@ def env_vocabulary(env_id: str, **kwargs: Any) -> list[str]:
     """Every word the environment can emit in observations or accept as a valid action.
 
     Args:
-        env_id: a gymnasium id (``"trl_aem/Shop-v0"``) or short name (``"shop"``).
+        env_id: a gymnasium id (``"trl_aem/Shop-v0"``, or ``"module:EnvId"``) or short name (``"shop"``).
         **kwargs: the difficulty keyword arguments the environment is built with.
 
     Returns:
@@ -143,7 +184,8 @@ def expert_trajectories(
     """Roll out the scripted expert, e.g. to build a supervised warm-start dataset.
 
     Args:
-        env_id: a built-in id (or short name) or any registered id whose env has ``expert_action``.
+        env_id: a built-in id (or short name) or any registered id (or ``"module:EnvId"``) whose env has
+            ``expert_action``.
         seeds: one episode per seed (``reset(seed=seed, options=options)``).
         env_kwargs: keyword arguments for ``gymnasium.make`` (difficulty knobs).
         max_turns: stop an episode after this many actions.
@@ -155,7 +197,7 @@ def expert_trajectories(
         ``final_observation``, ``rewards`` (per step), ``return`` (sum of rewards), ``success``
         (bool) and ``num_turns``.
     """
-    env = gym.make(BUILTIN_ENVS.get(env_id, env_id), **(env_kwargs or {}))
+    env = gym.make(resolve_env_id(BUILTIN_ENVS.get(env_id, env_id)), **(env_kwargs or {}))
     out: list[dict[str, Any]] = []
     try:
         for seed in seeds:

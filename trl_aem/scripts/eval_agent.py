@@ -33,8 +33,9 @@ from trl import TrlParser  # noqa: E402
 
 from ..agents import DEFAULT_PROMPT, EvalResult, evaluate  # noqa: E402
 from ..config import parse_env_kwargs  # noqa: E402
+from ..envs import resolve_env_id  # noqa: E402
 from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
-from . import check_env_id, resolve_env_id, usage_error  # noqa: E402
+from . import usage_error  # noqa: E402
 
 POLICIES = ("model", "expert", "random")
 
@@ -196,7 +197,7 @@ def load_model_and_tokenizer(args: EvalArguments):
 def run_eval(args: EvalArguments) -> EvalResult:
     """Play ``args.num_tasks`` tasks with :func:`trl_aem.evaluate`, print the result, optionally write JSON."""
     torch.manual_seed(args.seed)
-    args.env_id = resolve_env_id(args.env_id)
+    args.env_id = resolve_env_id(args.env_id)  # `module:id` -> id (imports module)
     model = tokenizer = None
     if args.policy == "model":
         model, tokenizer = load_model_and_tokenizer(args)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> EvalResul
     try:
         args, config_remaining, cli_remaining = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True)
-        check_env_id(args.env_id)
+        resolve_env_id(args.env_id)  # imports `module` of `module:id`; ValueError if unknown
     except ValueError as exc:  # validation of the arguments: a usage error (exit code 2)
         usage_error(parser.prog, exc)
     if cli_remaining:

@@ -48,8 +48,9 @@ from ..agents import (  # noqa: E402
     warm_start,
 )
 from ..config import AEMGRPOConfig  # noqa: E402
+from ..envs import resolve_env_id  # noqa: E402
 from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
-from . import check_env_id, resolve_env_id, usage_error  # noqa: E402
+from . import usage_error  # noqa: E402
 
 #: First seed of the expert trajectories used for the warm start (apart from training and evaluation seeds).
 WARM_START_SEED_OFFSET = 1_000_000
@@ -138,7 +139,7 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
     """
     from ..trainer import AEMGRPOTrainer
 
-    agent_args.env_id = resolve_env_id(agent_args.env_id)
+    agent_args.env_id = resolve_env_id(agent_args.env_id)  # `module:id` -> id (imports module)
     env_kwargs = training_args.env_kwargs or {}
     model, tokenizer = build_model_and_tokenizer(agent_args, training_args, model_args)
     results: dict[str, EvalResult] = {}
@@ -229,7 +230,7 @@ def check_args(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_a
     """Usage checks beyond the dataclasses' own validation; raises ``ValueError``."""
     if model_args.model_name_or_path is None and not agent_args.tiny_model:
         raise ValueError("set --model_name_or_path (or --tiny_model true)")
-    check_env_id(agent_args.env_id)
+    resolve_env_id(agent_args.env_id)  # imports `module` of `module:id`; ValueError if unknown
 
 
 def launched_by_accelerate() -> bool:
