@@ -473,10 +473,13 @@ def test_ddp_on_two_cpu_processes_from_the_yaml_evaluates_once(tmp_path):
 @pytest.mark.slow
 def test_fsdp_skips_the_in_training_evaluation_with_one_warning(tmp_path):
     """FSDP2 on two CPU processes: no process holds the whole model, so the evaluation before and after RL is
-    skipped with one warning naming `trl-aem eval`, and that command evaluates the saved model afterwards."""
+    skipped with one warning naming `trl-aem eval`, and that command evaluates the saved model afterwards.
+    Generation runs in chunks of 5 episodes (env_generation_chunk_size): FSDP synchronises every generate call
+    across processes, so a process with fewer unfinished episodes in a turn makes dummy calls (no deadlock)."""
     out = tmp_path / "out"
     result = trl_aem("train", "--config", RECIPE, "--max_steps", "1", "--warm_start_steps", "0", "--num_train_tasks",
                      "16", "--eval_tasks", "4", "--per_device_train_batch_size", "16", "--output_dir", out,
+                     "--env_generation_chunk_size", "5",
                      "--accelerate_config", "fsdp2", "--num_processes", "2", "--mixed_precision", "no",
                      "--main_process_port", "29518", cwd=tmp_path, env=CPU_PROCESSES)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("[eval] warning:")]

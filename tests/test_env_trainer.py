@@ -133,3 +133,19 @@ def test_errored_episodes_get_zero_advantage_even_with_other_rewards(tmp_path, s
     output = trainer._generate_and_score_completions(rows)
     assert all(row["env_error"] for row in rows)
     assert output["advantages"].abs().sum() == 0
+
+
+def test_env_generation_chunk_size_bounds_every_generate_call(tmp_path, say_tokenizer):
+    trainer = make_trainer(tmp_path, say_tokenizer, env_generation_chunk_size=3)
+    calls, original = [], type(trainer.model).generate
+
+    def generate(input_ids, **kwargs):
+        calls.append(input_ids.size(0))
+        return original(trainer.model, input_ids=input_ids, **kwargs)
+
+    trainer.model.generate = generate
+    trainer.train()
+    assert calls and max(calls) == 3  # 4 episodes per step: chunks of 3 and 1 in the first turn
+    assert 1 in calls
+    logs = [entry for entry in trainer.state.log_history if "env/success_rate" in entry]
+    assert len(logs) == 2 and all(entry["aem/alpha_mean"] == pytest.approx(1.0, abs=1e-5) for entry in logs)

@@ -72,6 +72,12 @@ class AEMGRPOConfig(GRPOConfig):
         env_max_new_tokens_per_turn (`int`, *optional*, defaults to `64`):
             Most tokens generated in one turn. The whole trajectory (actions and observations) is further limited
             by `max_completion_length`.
+        env_generation_chunk_size (`int`, *optional*):
+            Most episodes in one `transformers` `generate` call: each turn's contexts (all unfinished episodes of
+            the generation batch) are generated in chunks of this size, one after the other. The prefill activations
+            and the KV cache grow with chunk x context length, so this bounds the rollout's GPU memory (see
+            `benchmarks/memory_plan.py`); sampling is unchanged in distribution. `None`: the whole turn in one call.
+            Not used with vLLM, which schedules its own batches.
         env_system_prompt (`str`, *optional*):
             A system message put before the dataset's prompt (chat models) or a first line (plain text).
         env_kwargs (`dict`, *optional*):
@@ -117,6 +123,9 @@ class AEMGRPOConfig(GRPOConfig):
 
     env_max_turns: int = field(default=10, metadata={"help": "Most agent turns per episode."})
     env_max_new_tokens_per_turn: int = field(default=64, metadata={"help": "Most tokens generated in one turn."})
+    env_generation_chunk_size: int | None = field(
+        default=None, metadata={"help": "Most episodes per transformers generate call in a turn (None = all)."}
+    )
     env_system_prompt: str | None = field(default=None, metadata={"help": "System message for environment episodes."})
     env_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Keyword arguments for gymnasium.make (a dict, or a JSON string)."}
@@ -148,6 +157,10 @@ class AEMGRPOConfig(GRPOConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        chunk = self.env_generation_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"env_generation_chunk_size must be an integer >= 1, or None for the whole turn in one "
+                             f"generate call, got {chunk!r}")
         if self.env_timeout is not None:
             _check_number("env_timeout", self.env_timeout)
             if self.env_timeout == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -55,7 +56,8 @@ def tokens_through_eos(ids, eos_token_ids: set[int]) -> list[int]:
 
 
 def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_config, temperature: float = 1.0,
-                        record_entropy: bool = True, run_when_empty: bool = False):
+                        record_entropy: bool = True, run_when_empty: bool = False, max_batch_size: int | None = None,
+                        sync_calls: Callable[[int], int] | None = None):
     """A :data:`trl_aem.rollout.GenerateFn` over ``model.generate``: one left-padded batch per call.
 
     Args:
@@ -67,16 +69,35 @@ def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_conf
         record_entropy: record per-token entropies (returned as lists of floats) or return ``None``.
         run_when_empty: still call ``generate`` (on one dummy context) when there is no context, for synchronised
             generation across processes (ZeRO-3/FSDP), where every process must make the same calls.
+        max_batch_size: most contexts per ``generate`` call; more are generated in consecutive chunks of this size
+            (bounds the prefill activations and KV cache). ``None``: all contexts in one call.
+        sync_calls: with ``run_when_empty`` and ``max_batch_size``, a collective returning the largest of the
+            processes' numbers of calls this turn; a process with fewer chunks makes up the difference with dummy
+            calls, so that all make the same number of ``generate`` calls.
     """
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size!r}")
+    if run_when_empty and max_batch_size is not None and sync_calls is None:
+        raise ValueError("synchronised generation (run_when_empty) in chunks needs sync_calls, so that every process "
+                         "makes the same number of generate calls")
     eos = set(eos_token_ids if isinstance(eos_token_ids, (list, tuple, set)) else [eos_token_ids]) - {None}
     hooked = causal_lm_module(model)
 
     def generate(contexts: list[list[int]], max_new_tokens: int):
-        if not contexts:
-            if run_when_empty:
-                _generate_batch([[pad_token_id]], max_new_tokens)
-            return [], ([] if record_entropy else None)
-        return _generate_batch(contexts, max_new_tokens)
+        chunk = max_batch_size or max(1, len(contexts))
+        chunks = [contexts[start: start + chunk] for start in range(0, len(contexts), chunk)]
+        calls = len(chunks)
+        if run_when_empty:
+            calls = sync_calls(calls) if sync_calls is not None else max(calls, 1)
+        tokens, entropies = [], []
+        for part in chunks:
+            part_tokens, part_entropies = _generate_batch(part, max_new_tokens)
+            tokens += part_tokens
+            if record_entropy:
+                entropies += part_entropies
+        for _ in range(calls - len(chunks)):
+            _generate_batch([[pad_token_id]], max_new_tokens)
+        return tokens, (entropies if record_entropy else None)
 
     def _generate_batch(contexts: list[list[int]], max_new_tokens: int):
         device = next(model.parameters()).device

@@ -402,6 +402,8 @@ class AEMGRPOTrainer(GRPOTrainer):
             generate = make_hf_generate_fn(
                 unwrapped_model, self._tokenizer.pad_token_id, self.eos_token_ids, self.generation_config,
                 temperature=self.temperature, record_entropy=record, run_when_empty=synced,
+                max_batch_size=self.args.env_generation_chunk_size,
+                sync_calls=self._max_over_processes if synced else None,
             )
             episodes = self.env_runner.run(rows, prompts, generate, sync=self._max_over_processes if synced else None)
         return self._env_rollout_output(episodes, record=record, with_logprobs=False)
