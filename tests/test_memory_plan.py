@@ -1,0 +1,96 @@
+"""benchmarks/memory_plan.py: the tensor-memory tracer (hand-computed sizes), fake vs real tensors on a scaled-down
+Qwen2, reading the recipes, and the check that fails loudly if TRL stops preparing its model as the plan does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "examples" / "recipes"
+
+
+@pytest.fixture(scope="module")
+def plan():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tracer_counts_live_storages_rounded_to_512_bytes(plan):
+    tracer = plan.PeakMemory()
+    with tracer:
+        a = torch.empty(1000, dtype=torch.float32)  # 4000 bytes -> 4096
+        b = torch.empty(10, dtype=torch.float32)  # 40 bytes -> 512
+        view = a[:10]  # a view: no new storage
+        assert tracer.current == 4096 + 512
+        del a  # the view keeps the storage alive
+        assert tracer.current == 4096 + 512
+        del view
+        assert tracer.current == 512
+        c = torch.empty(600, dtype=torch.bfloat16)  # 1200 bytes -> 1536
+    assert tracer.current == 512 + 1536 and tracer.peak == 4096 + 512
+    del b, c
+    assert tracer.current == 0
+
+
+def test_fake_trace_equals_the_real_one_on_a_scaled_down_qwen2(plan):
+    result = plan.validate(layers=1, vocab=2048, batch=2, generation_batch=3, prompt=16, completion=48)
+    for phase in ("generation", "training"):
+        assert result[phase]["real_peak_bytes"] > result["real"]["weight_bytes"], phase
+        assert result[phase]["ratio"] == pytest.approx(1.0, abs=0.01), (phase, result[phase])
+    real, fake = result["real"], result["fake"]
+    assert fake["weight_bytes"] == real["weight_bytes"] and fake["lora_params"] == real["lora_params"]
+    assert fake["generation"]["kv_cache_bytes"] == real["generation"]["kv_cache_bytes"]
+    # KV cache of a Qwen2 by hand: layers x (K and V) x kv_heads x head_dim x tokens x 2 bytes (bf16)
+    arch = plan.VALIDATION_ARCH
+    head_dim = arch["hidden_size"] // arch["num_attention_heads"]
+    tokens = 3 * (16 + 48 + 1)  # prefill + one decoding step
+    assert real["generation"]["kv_cache_bytes"] == 1 * 2 * arch["num_key_value_heads"] * head_dim * tokens * 2
+    assert real["training"]["lora_grad_bytes"] == 4 * real["lora_params"]  # fp32 adapters, one gradient each
+    assert real["adam_bytes"] == 8 * real["lora_params"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("qwen2.5-*.yaml")))
+def test_recipes_are_read_into_a_plan(plan, recipe):
+    read = plan.plan_from_recipe(str(RECIPES / recipe), prompt_length=512)
+    assert read.model == ("7b" if "7b" in recipe else "1.5b")
+    assert read.generation_batch_size == 128 and read.completion_length == 4096 and read.lora_r == 64
+    assert read.generation_chunk_size is not None and 128 % read.generation_chunk_size == 0
+    # The header quotes the peak of the recorded trace of this model's recipe (Household and Shop have equal sizes).
+    size = "7b" if "7b" in recipe else "1.5b"
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "memory_plan" / f"qwen2.5-{size}-household-lora.json")
+                          .read_text())
+    assert recorded["generation_chunk_size"] == read.generation_chunk_size
+    assert recorded["batch_size"] == read.batch_size and recorded["fake"] and recorded["layers"] == 28
+    text = (RECIPES / recipe).read_text()
+    assert f"GPU memory: {recorded['peak_bytes'] / 2**30:.1f} GiB" in text
+    assert "TRACED, NOT MEASURED ON A GPU" in text and "benchmarks/memory_plan.py" in text
+
+
+def test_an_unknown_model_in_a_recipe_is_refused(plan, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: meta-llama/Llama-3-8B\n")
+    with pytest.raises(SystemExit, match="not a Qwen2.5 1.5B/7B"):
+        plan.plan_from_recipe(str(recipe), 512)
+
+
+def test_a_model_prepared_differently_from_trl_fails_loudly(plan, tmp_path):
+    from peft import LoraConfig
+
+    tokenizer = plan.padded_word_tokenizer(plan.TASK_WORDS, 512)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    trainer = plan.tiny_trainer({}, tokenizer, lora, str(tmp_path))
+    config = plan.qwen_config(dict(plan.ARCHITECTURES["1.5b"], **plan.VALIDATION_ARCH), 1, len(tokenizer), tokenizer)
+    model = plan.plan_model(config, lora, trainer, None, tokenizer)  # prepared as TRL prepares it: passes
+    model.get_base_model().forward = type(model.get_base_model()).forward.__get__(model.get_base_model())
+    with pytest.raises(RuntimeError, match="not prepared like GRPOTrainer"):
+        plan.check_prepared_like(model, trainer.model)
