@@ -7,10 +7,30 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str, name: str):
+    """Import a script of the repository (``"benchmarks/learning.py"``) as module ``name``: registered in
+    ``sys.modules`` (dataclasses look their module up there), its folder on ``sys.path`` (for sibling imports)."""
+    path = ROOT / relative_path
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_script
+
 from trl_aem.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,12 +181,7 @@ def test_bad_values_are_usage_errors(args, message, capsys, tmp_path, monkeypatc
 
 def load_example_script():
     """``examples/train_agent.py`` as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("example_train_agent", ROOT / "examples" / "train_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/train_agent.py", "example_train_agent")
 
 
 def test_launch_options_are_split_from_training_options(tmp_path):

@@ -1,18 +1,11 @@
 """End to end on CPU: the README's demo (warm start + AEM-GRPO on the easiest CodeBreaker) raises success."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "cpu_demo.py"
+from conftest import load_script
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("cpu_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/cpu_demo.py", "cpu_demo")
 
 
 @pytest.mark.slow

@@ -3,13 +3,12 @@ Qwen2, reading the recipes, and the check that fails loudly if TRL stops prepari
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"
@@ -17,12 +16,7 @@ RECIPES = ROOT / "examples" / "recipes"
 
 @pytest.fixture(scope="module")
 def plan():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/memory_plan.py", "memory_plan")
 
 
 def test_tracer_counts_live_storages_rounded_to_512_bytes(plan):

@@ -1,11 +1,10 @@
 """The recipe script and YAML recipes: the tiny CPU recipe trains; the Qwen2.5 LoRA recipes parse to the paper's
 settings (group 8, 16 groups per step, 150 steps, lambda 1, gate 0.1, LoRA on Qwen2.5's projections)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from trl import ModelConfig, TrlParser
 
 from trl_aem import AEMGRPOConfig
@@ -14,17 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_agent", ROOT / "examples" / "train_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_agent"] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
+def load_train_script():
+    return load_script("examples/train_agent.py", "train_agent")
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("qwen2.5-*.yaml")))
 def test_qwen_recipes_parse_to_the_paper_settings(recipe, tmp_path):
-    script = load_script()
+    script = load_train_script()
     parser = TrlParser((script.AgentArguments, AEMGRPOConfig, ModelConfig))
     # bf16 needs a GPU; everything else is parsed exactly as on the GPU machine.
     agent, config, model = parser.parse_args_and_config(
@@ -41,7 +36,7 @@ def test_qwen_recipes_parse_to_the_paper_settings(recipe, tmp_path):
 
 
 def test_tiny_cpu_recipe_trains(tmp_path):
-    trainer = load_script().main(["--config", str(RECIPES / "tiny-codebreaker-cpu.yaml"), "--max_steps", "2",
+    trainer = load_train_script().main(["--config", str(RECIPES / "tiny-codebreaker-cpu.yaml"), "--max_steps", "2",
                                   "--eval_tasks", "4", "--warm_start_steps", "2", "--num_train_tasks", "16",
                                   "--output_dir", str(tmp_path), "--logging_steps", "1"])
     logs = [e for e in trainer.state.log_history if "env/success_rate" in e]
