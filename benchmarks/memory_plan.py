@@ -15,9 +15,10 @@ its peak is the tensor memory the phase needs.
 
 Phases traced
 -------------
-* generation: one forward of ``generation batch x sequence length`` tokens with the KV cache on (the prefill of
-  the last, longest turn: the environment rollout re-encodes every episode's whole context each turn, batched over
-  all unfinished episodes), then one decoding step on that cache. No gradients.
+* generation: one forward of ``chunk x sequence length`` tokens with the KV cache on, where chunk is
+  ``env_generation_chunk_size`` (default: the whole generation batch) -- the prefill of the last, longest turn: the
+  environment rollout re-encodes every episode's whole context each turn, one ``generate`` call per chunk of
+  unfinished episodes -- then one decoding step on that cache. No gradients.
 * training: two gradient-accumulation micro-steps (``compute_loss`` + ``backward`` on ``per_device_train_batch_size``
   rows of ``sequence length`` tokens; the second one holds the LoRA gradients of the first), under bf16 autocast as
   ``bf16: true`` runs on a GPU.
@@ -26,11 +27,14 @@ Phases traced
 What it is and is not
 ---------------------
 It is the tensor memory PyTorch would allocate (what ``torch.cuda.max_memory_allocated`` reports), derived from the
-real code path and the real shapes. It is NOT a GPU measurement: the CUDA context (about 0.5-1 GiB), cuBLAS/attention
+real code path and the real shapes: LoRA dropout active during generation (the trainer generates in training mode,
+as TRL does) and one padded row per batch (so the 4D attention mask is built, as for real, padded batches). It is NOT a GPU measurement: the CUDA context (about 0.5-1 GiB), cuBLAS/attention
 workspaces and the caching allocator's fragmentation (``max_memory_reserved`` is typically 5-20% above allocated)
 come on top; CUDA attention and Triton kernels are replaced by their CPU counterparts for the trace (the CPU flash
 attention, TRL's chunked LM head), whose outputs have the same sizes. ``--validate`` checks the tracer itself: the
-same phases on a scaled-down model with real tensors and with fake tensors must give the same peak.
+same phases on a scaled-down model with real tensors and with fake tensors must give the same peak (it checks the
+fake-tensor substitution, not that the accounting misses nothing). ``env_reuse_kv_cache`` is not traced (a note
+gives the whole batch's KV cache size instead).
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ from _common import padded_word_tokenizer  # noqa: E402
 
 #: PyTorch's CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
 ALLOCATION_BLOCK = 512
+#: Padding tokens in one row of every traced batch (any padding makes transformers build the 4D attention mask).
+PADDING = 8
 GIB = 2**30
 
 
@@ -221,19 +227,22 @@ def tracked(model) -> PeakMemory:
 
 
 def trace_generation(model, batch: int, length: int, fake: FakeTensorMode | None) -> dict:
-    """Prefill of ``batch x length`` tokens with the KV cache, then one decoding step; peak and resident bytes."""
-    model.eval()
+    """Prefill of ``batch x length`` tokens with the KV cache, then one decoding step; peak and resident bytes.
+    In training mode, as the trainer generates (LoRA dropout active), with one left-padded row (real batches are
+    padded, so transformers builds the 4D attention mask)."""
+    model.train()
     tracer = tracked(model)
     resident = tracer.current
     with (fake or contextlib.nullcontext()), torch.no_grad(), tracer:
         ids = torch.ones(batch, length, dtype=torch.long)
         mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, :PADDING] = 0
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         # transformers renamed past_key_values to cache during 5.x
         cache_arg = "cache" if "cache" in inspect.signature(type(model.get_base_model()).forward).parameters \
             else "past_key_values"
         cache = getattr(out, cache_arg)
-        model(input_ids=ids[:, :1], attention_mask=torch.ones(batch, length + 1, dtype=torch.long),
+        model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1),
               use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         cache_bytes = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
         del out, cache
@@ -256,13 +265,15 @@ def trace_training(model, trainer: AEMGRPOTrainer, batch: int, prompt: int, comp
             "prompt_ids": torch.ones(batch, prompt, dtype=torch.long),
             "prompt_mask": torch.ones(batch, prompt, dtype=torch.long),
             "completion_ids": torch.ones(batch, completion, dtype=torch.long),
-            "completion_mask": torch.ones(batch, completion, dtype=torch.long),
+            "completion_mask": torch.ones(batch, completion, dtype=torch.long),  # padded below
             "tool_mask": torch.ones(batch, completion, dtype=torch.long),
             "advantages": torch.ones(batch, completion),
             "old_per_token_logps": None,
             "importance_sampling_ratio": None,
             "num_items_in_batch": torch.tensor(batch * completion),
         }
+        inputs["prompt_mask"][0, :PADDING] = 0  # TRL left-pads prompts and right-pads completions
+        inputs["completion_mask"][-1, -PADDING:] = 0
         for _ in range(micro_steps):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = trainer.compute_loss(model, inputs)
@@ -286,10 +297,12 @@ class Plan:
     vocab_size: int | None = None
     lora_r: int = 64
     lora_alpha: int = 128
+    lora_dropout: float = 0.05  # TRL's ModelConfig default and the recipes' value
     lora_target_modules: tuple = tuple(LORA_MODULES)
     batch_size: int = 8
     generation_batch_size: int = 128
     generation_chunk_size: int | None = None  # env_generation_chunk_size: most episodes per generate call
+    reuse_kv_cache: bool = False  # env_reuse_kv_cache: NOT traced; reported as the whole batch's KV cache size
     prompt_length: int = 512
     completion_length: int = 4096
     settings: dict = dataclasses.field(default_factory=dict)
@@ -312,9 +325,11 @@ def plan_from_recipe(path: str, prompt_length: int) -> Plan:
     generation_batch = int(recipe.get("generation_batch_size") or batch * steps_per_generation)
     chunk = recipe.get("env_generation_chunk_size")
     return Plan(model=model, lora_r=int(recipe.get("lora_r", 64)), lora_alpha=int(recipe.get("lora_alpha", 128)),
+                lora_dropout=float(recipe.get("lora_dropout", 0.05)),
                 lora_target_modules=tuple(recipe.get("lora_target_modules") or LORA_MODULES), batch_size=batch,
                 generation_batch_size=generation_batch, prompt_length=prompt_length,
                 generation_chunk_size=int(chunk) if chunk else None,
+                reuse_kv_cache=bool(recipe.get("env_reuse_kv_cache", False)),
                 completion_length=int(recipe.get("max_completion_length", defaults["max_completion_length"])),
                 settings=recipe, source=path)
 
@@ -328,7 +343,7 @@ def run_plan(plan: Plan, fake: bool = True, chunk_sizes=(), batch_sizes=()) -> d
     vocab = plan.vocab_size or arch["vocab_size"]
     tokenizer = padded_word_tokenizer(TASK_WORDS, vocab)
     config = qwen_config(arch, layers, len(tokenizer), tokenizer)
-    lora = LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=0.0,
+    lora = LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
                       target_modules=list(plan.lora_target_modules), task_type="CAUSAL_LM")
     # A shape environment lets data-dependent shapes (boolean-mask indexing in TRL's metrics) stay symbolic.
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) if fake else None
@@ -355,6 +370,9 @@ def run_plan(plan: Plan, fake: bool = True, chunk_sizes=(), batch_sizes=()) -> d
         }
         del trainer, model
     phases = {"generation": generation["peak_bytes"] + adam_bytes, "training": training["peak_bytes"] + adam_bytes}
+    # KV bytes per token (from the traced cache: prefill + one decoding step) x every episode of the batch
+    kv_per_token = generation["kv_cache_bytes"] / (generate_batch * (sequence + 1))
+    whole_batch_kv = kv_per_token * plan.generation_batch_size * sequence
     return {
         "model": arch["name"], "layers": layers, "vocab_size": len(tokenizer), "fake": fake, "source": plan.source,
         "batch_size": plan.batch_size, "generation_batch_size": plan.generation_batch_size,
@@ -363,6 +381,7 @@ def run_plan(plan: Plan, fake: bool = True, chunk_sizes=(), batch_sizes=()) -> d
         "lora_r": plan.lora_r, "lora_params": lora_params, "weight_bytes": weight_bytes, "adam_bytes": adam_bytes,
         "generation": generation, "training": training, "phase_peak_bytes": phases,
         "peak_bytes": max(phases.values()), "peak_phase": max(phases, key=phases.get), "sweep": sweep,
+        "reuse_kv_cache": plan.reuse_kv_cache, "whole_batch_kv_cache_bytes": whole_batch_kv,
         "trace_seconds": time.perf_counter() - started,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
@@ -389,6 +408,11 @@ def report(result: dict) -> str:
              f"from {result['source']}; traced in {result['trace_seconds']:.0f} s",
              f"{'tensor memory':<{width}}  GiB", "-" * (width + 10)]
     lines += [f"{k:<{width}}  {v / GIB:8.2f}" for k, v in rows]
+    if result["reuse_kv_cache"]:
+        lines.append(f"NOTE: env_reuse_kv_cache is on, which this trace does NOT model: the KV caches of all "
+                     f"unfinished episodes stay between turns, up to {result['whole_batch_kv_cache_bytes'] / GIB:.2f} GiB "
+                     f"for the whole generation batch at full length, plus one chunk's copies, while each turn's "
+                     f"prefill shrinks to the new tokens. Measure it (benchmarks/kv_reuse.py shows the trade-off).")
     for knob, peaks in result["sweep"].items():
         if peaks:
             phase = "generation" if knob.startswith("generation") else "training"

@@ -149,3 +149,30 @@ def test_env_generation_chunk_size_bounds_every_generate_call(tmp_path, say_toke
     assert 1 in calls
     logs = [entry for entry in trainer.state.log_history if "env/success_rate" in entry]
     assert len(logs) == 2 and all(entry["aem/alpha_mean"] == pytest.approx(1.0, abs=1e-5) for entry in logs)
+
+
+def test_env_reuse_kv_cache_trains_and_encodes_only_new_tokens_after_the_first_turn(tmp_path, say_tokenizer):
+    trainer = make_trainer(tmp_path, say_tokenizer, env_reuse_kv_cache=True, max_steps=1)
+    widths = []
+    handle = trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: None if torch.is_grad_enabled() else widths.append(kwargs["input_ids"].size(1)),
+        with_kwargs=True)  # generation runs without gradients, the training forward with
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    prefills = [w for w in widths if w > 1]  # one per turn: the first encodes the prompts, later ones observations
+    assert len(prefills) >= 2 and all(w < prefills[0] for w in prefills[1:]), prefills
+    logs = [entry for entry in trainer.state.log_history if "env/success_rate" in entry]
+    assert len(logs) == 1 and logs[0]["env/turns_mean"] > 1.0
+    assert logs[0]["aem/alpha_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"env_reuse_kv_cache": "yes"}, "env_reuse_kv_cache must be True or False"),
+    ({"env_reuse_kv_cache": True, "use_vllm": True}, "vLLM caches prefixes itself"),
+    ({"env_reuse_kv_cache": True, "cache_implementation": "static"}, r"cache_implementation='static' \(allowed"),
+])
+def test_env_reuse_kv_cache_is_validated_in_the_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        env_args(tmp_path, **overrides)

@@ -88,3 +88,17 @@ def test_a_model_prepared_differently_from_trl_fails_loudly(plan, tmp_path):
     model.get_base_model().forward = type(model.get_base_model()).forward.__get__(model.get_base_model())
     with pytest.raises(RuntimeError, match="not prepared like GRPOTrainer"):
         plan.check_prepared_like(model, trainer.model)
+
+
+@pytest.mark.slow
+def test_the_recorded_1p5b_recipe_trace_is_current(plan):
+    """Re-trace the 1.5B recipe at full size (fake tensors, ~1 minute): the recorded results the recipes and docs
+    quote must still be what the code gives."""
+    recipe = RECIPES / "qwen2.5-1.5b-household-lora.yaml"
+    result = plan.run_plan(plan.plan_from_recipe(str(recipe), prompt_length=512))
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "memory_plan" / "qwen2.5-1.5b-household-lora.json")
+                          .read_text())
+    for key in ("weight_bytes", "adam_bytes", "peak_bytes"):
+        assert result[key] == pytest.approx(recorded[key], rel=0.002), key
+    for phase in ("generation", "training"):
+        assert result[phase]["peak_bytes"] == pytest.approx(recorded[phase]["peak_bytes"], rel=0.002), phase

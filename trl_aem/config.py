@@ -78,6 +78,15 @@ class AEMGRPOConfig(GRPOConfig):
             and the KV cache grow with chunk x context length, so this bounds the rollout's GPU memory (see
             `benchmarks/memory_plan.py`); sampling is unchanged in distribution. `None`: the whole turn in one call.
             Not used with vLLM, which schedules its own batches.
+        env_reuse_kv_cache (`bool`, *optional*, defaults to `False`):
+            Keep each episode's KV cache between its turns, so that a turn encodes only the tokens added since the
+            episode's previous turn (the observation) instead of re-encoding the whole context. The sampling
+            distribution is unchanged (greedy decoding gives the same tokens; tested in float32 on a CPU). Faster for long episodes; the caches of all
+            unfinished episodes of the generation batch stay in memory between turns, so the rollout's peak memory
+            changes: roughly the KV cache of the whole generation batch plus the prefill of one chunk's new
+            tokens, instead of the prefill and KV cache of one chunk's whole contexts. For models whose cache is a
+            plain `DynamicCache` (full attention, e.g. Qwen2.5); others fall back to re-encoding with a warning.
+            Not used with vLLM (vLLM caches prefixes itself).
         env_system_prompt (`str`, *optional*):
             A system message put before the dataset's prompt (chat models) or a first line (plain text).
         env_kwargs (`dict`, *optional*):
@@ -126,6 +135,9 @@ class AEMGRPOConfig(GRPOConfig):
     env_generation_chunk_size: int | None = field(
         default=None, metadata={"help": "Most episodes per transformers generate call in a turn (None = all)."}
     )
+    env_reuse_kv_cache: bool = field(
+        default=False, metadata={"help": "Keep each episode's KV cache between turns (encode only new tokens)."}
+    )
     env_system_prompt: str | None = field(default=None, metadata={"help": "System message for environment episodes."})
     env_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Keyword arguments for gymnasium.make (a dict, or a JSON string)."}
@@ -166,6 +178,14 @@ class AEMGRPOConfig(GRPOConfig):
             if self.env_timeout == 0:
                 raise ValueError("env_timeout must be > 0 seconds, or None for no limit")
         self.env_kwargs = parse_env_kwargs(self.env_kwargs)
+        if not isinstance(self.env_reuse_kv_cache, bool):
+            raise ValueError(f"env_reuse_kv_cache must be True or False, got {self.env_reuse_kv_cache!r}")
+        if self.env_reuse_kv_cache and self.cache_implementation not in (None, "dynamic"):
+            raise ValueError(f"env_reuse_kv_cache=True keeps dynamic KV caches between turns; it cannot be combined with "
+                             f"cache_implementation={self.cache_implementation!r} (allowed: None or 'dynamic')")
+        if self.env_reuse_kv_cache and self.use_vllm:
+            raise ValueError("env_reuse_kv_cache=True applies to transformers generation; with use_vllm=True, vLLM "
+                             "caches prefixes itself: leave env_reuse_kv_cache False")
         if not isinstance(self.env_raise_on_error, bool):
             raise ValueError(f"env_raise_on_error must be True or False, got {self.env_raise_on_error!r}")
         if not isinstance(self.aem_plots, bool):

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 #: context (a list of token ids), the sampled continuation (up to and including its EOS token, if any), the entropy
 #: at each sampled position (``None`` when the backend does not provide entropies) and, optionally, the sampling
 #: log-probability of each sampled token (vLLM gives them; TRL's importance-sampling correction needs them).
+#: A function with the attribute ``accepts_keys = True`` is also given ``keys=``: one key per context, stable across
+#: the turns of one rollout and unique to it, so that it can keep per-episode state such as a KV cache between turns;
+#: a ``release()`` attribute, if any, is called when the rollout ends.
 GenerateFn = Callable[[list[list[int]], int], tuple]
 
 
@@ -368,6 +371,7 @@ class EnvRunner:
             )
         envs = self._environments(len(rows))
         limits = self.limits
+        run_key = object()  # episode keys unique to this rollout (a generate function may keep state per key)
         episodes = [Episode(prompt_ids=[]) for _ in rows]
 
         resets = call_all(
@@ -404,7 +408,10 @@ class EnvRunner:
                 break
             order = list(budgets)
             contexts = [episodes[i].prompt_ids + episodes[i].completion_ids for i in order]
-            generated = generate(contexts, global_budget)
+            if getattr(generate, "accepts_keys", False):  # e.g. a generate that keeps each episode's KV cache
+                generated = generate(contexts, global_budget, keys=[(run_key, i) for i in order])
+            else:
+                generated = generate(contexts, global_budget)
             tokens, entropies = generated[0], generated[1]
             logprobs = generated[2] if len(generated) > 2 else None
             actions = {}
@@ -445,6 +452,7 @@ class EnvRunner:
                     continue
                 episode.observations.append(observation)
                 episode.append_observation(observation_ids)
+        getattr(generate, "release", lambda: None)()  # e.g. the episodes' KV caches
         for episode in episodes:
             if episode.truncated or episode.error:
                 episode.success = False

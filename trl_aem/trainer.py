@@ -404,6 +404,7 @@ class AEMGRPOTrainer(GRPOTrainer):
                 temperature=self.temperature, record_entropy=record, run_when_empty=synced,
                 max_batch_size=self.args.env_generation_chunk_size,
                 sync_calls=self._max_over_processes if synced else None,
+                reuse_kv_cache=self.args.env_reuse_kv_cache,
             )
             episodes = self.env_runner.run(rows, prompts, generate, sync=self._max_over_processes if synced else None)
         return self._env_rollout_output(episodes, record=record, with_logprobs=False)
