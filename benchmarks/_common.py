@@ -3,6 +3,8 @@ every completion has a fixed length, and the CPU's name. Imported by the scripts
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 
 from trl_aem.tiny import build_word_tokenizer
@@ -64,3 +66,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_json(path: str, data) -> None:
+    """Write ``data`` as indented JSON to ``path``, creating its folder; print where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+    print(f"written to {path}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import _offline  # noqa: F401  (the offline environment, before transformers is imported)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -40,7 +39,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa
 from trl_aem import EnvRunner, ObservationRenderer, RolloutLimits  # noqa: E402
 from trl_aem.generation import make_hf_generate_fn  # noqa: E402
 
-from _common import cpu_model, padded_word_tokenizer, special_token_ids  # noqa: E402
+from _common import cpu_model, padded_word_tokenizer, special_token_ids, write_json  # noqa: E402
 from memory import TASK_WORDS, ToolLogEnv  # noqa: E402
 from memory_plan import PeakMemory  # noqa: E402
 
@@ -159,10 +158,7 @@ def main(argv=None) -> int:
           f"{result['encoded_ratio']:.1f}x fewer; peak tensor memory reuse/re-encode {result['peak_ratio']:.2f}; "
           f"greedy trajectories identical: {same}")
     if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        print(f"written to {opts.json}")
+        write_json(opts.json, result)
     return 0 if same else 1
 
 

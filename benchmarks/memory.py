@@ -60,7 +60,6 @@ import _offline  # noqa: E402,F401  (the offline environment, before transformer
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
@@ -84,7 +83,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 import trl_aem  # noqa: E402
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
 
-from _common import benchmark_config_args, cpu_model, padded_word_tokenizer, parity_fraction  # noqa: E402
+from _common import (benchmark_config_args, cpu_model, padded_word_tokenizer, parity_fraction,  # noqa: E402
+                     write_json)
 
 SEED = 1234
 #: Real words of the task; the vocabulary is padded to the model's vocabulary size with dummy words ``w0, w1, ...``.
@@ -508,7 +508,8 @@ def report(r: dict, est: dict) -> str:
         f"their gradients fp32 {gib(est['lora_grad_fp32_bytes']):.3f} GiB; Adam states (2 x fp32) "
         f"{gib(est['adam_fp32_bytes']):.3f} GiB")
     add(f"  total {gib(est['total_bytes']):.2f} GiB, NOT including activations, logits, the generation KV cache or "
-        "allocator overhead (these grow with batch x sequence length and come on top).")
+        "allocator overhead (these grow with batch x sequence length and come on top; benchmarks/memory_plan.py traces "
+        "them at full size).")
     return "\n".join(lines)
 
 
@@ -595,10 +596,7 @@ def main(argv=None) -> int:
         print(f"note: the analytic parameter count ({built_total} + LoRA {built_lora}) does not match the built model "
               f"({result['total_params'] - result['trainable_params']} + LoRA {result['trainable_params']})")
     if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        print(f"results written to {opts.json}")
+        write_json(opts.json, result)
     return 0
 
 

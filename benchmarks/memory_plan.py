@@ -47,7 +47,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import inspect  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -70,7 +69,7 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
 
 from memory import ARCHITECTURES, LORA_MODULES, TASK_WORDS, ToolLogEnv, build_model, qwen_config  # noqa: E402
-from _common import padded_word_tokenizer  # noqa: E402
+from _common import padded_word_tokenizer, write_json  # noqa: E402
 
 #: PyTorch's CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
 ALLOCATION_BLOCK = 512
@@ -491,10 +490,7 @@ def main(argv=None) -> int:
         result = run_plan(plan, chunk_sizes=opts.sweep_chunks, batch_sizes=opts.sweep_batches)
         print(report(result))
     if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2, default=str)
-        print(f"written to {opts.json}")
+        write_json(opts.json, result)
     return 0
 
 
