@@ -16,7 +16,7 @@ Measured, for each mode:
 
 * wall time of a whole rollout, ``--repeats`` times, the modes alternating (off, on, off, on, ...); median and ratio;
 * tokens encoded: the sum over forward passes of batch x width (prefills and decoding steps);
-* peak tensor memory of the rollout (a separate, untimed run under ``benchmarks/memory_plan.py``'s ``PeakMemory``,
+* peak tensor memory of the rollout (a separate, untimed run under ``benchmarks/memory_plan.py``'s ``PeakMemory``
   which counts every tensor storage alive, model weights included);
 * greedy equivalence: with ``do_sample=False`` both modes must produce the same token ids for every episode.
 """
@@ -41,7 +41,7 @@ from trl_aem.generation import make_hf_generate_fn  # noqa: E402
 
 from _common import cpu_model, padded_word_tokenizer, special_token_ids, write_json  # noqa: E402
 from memory import TASK_WORDS, ToolLogEnv  # noqa: E402
-from memory_plan import PeakMemory  # noqa: E402
+from memory_plan import tracked  # noqa: E402
 
 DEFAULTS = dict(hidden_size=512, layers=8, heads=8, kv_heads=2, vocab_size=4096, episodes=16, turns=12,
                 tokens_per_turn=16, obs_tokens=100, repeats=3)
@@ -127,9 +127,7 @@ def main(argv=None) -> int:
             print(f"  repeat {repeat + 1}, reuse {'on ' if reuse else 'off'}: {seconds:.2f} s", flush=True)
     peaks = {}
     for reuse in (False, True):
-        tracer = PeakMemory()
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            tracer.track(tensor)
+        tracer = tracked(model)
         with tracer:
             rollout(opts, tokenizer, model, reuse, sample=True)
         peaks[reuse] = tracer.peak

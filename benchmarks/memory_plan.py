@@ -452,6 +452,8 @@ def main(argv=None) -> int:
                         help="episodes generated together in one turn (default 128 = 8 x 16 accumulation steps)")
     parser.add_argument("--generation-chunk-size", type=int,
                         help="env_generation_chunk_size: most episodes per generate call (default: all at once)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="LoRA dropout (default 0.05, TRL's and the recipes'; benchmarks/memory.py uses 0)")
     parser.add_argument("--prompt-length", type=int, default=512,
                         help="prompt tokens (system prompt + first observation; default 512)")
     parser.add_argument("--sequence-length", type=int,
@@ -481,7 +483,7 @@ def main(argv=None) -> int:
             completion = (opts.sequence_length - opts.prompt_length) if opts.sequence_length else 4096
             plan = Plan(model=opts.model, batch_size=opts.batch_size, generation_batch_size=opts.generation_batch_size,
                         generation_chunk_size=opts.generation_chunk_size, prompt_length=opts.prompt_length,
-                        completion_length=completion)
+                        completion_length=completion, lora_dropout=opts.lora_dropout)
         for name in ("batch_size", "generation_batch_size", "prompt_length", "completion_length"):
             if getattr(plan, name) < 1:
                 parser.error(f"{name} must be >= 1, got {getattr(plan, name)}")

@@ -81,9 +81,9 @@ class AEMGRPOConfig(GRPOConfig):
         env_reuse_kv_cache (`bool`, *optional*, defaults to `False`):
             Keep each episode's KV cache between its turns, so that a turn encodes only the tokens added since the
             episode's previous turn (the observation) instead of re-encoding the whole context. The sampling
-            distribution is unchanged (greedy decoding gives the same tokens; tested in float32 on a CPU). Faster for long episodes; the caches of all
-            unfinished episodes of the generation batch stay in memory between turns, so the rollout's peak memory
-            changes: roughly the KV cache of the whole generation batch plus the prefill of one chunk's new
+            distribution is unchanged (greedy decoding gives the same tokens; tested in float32 on a CPU). Faster
+            for long episodes; the caches of all unfinished episodes of the generation batch stay in memory between
+            turns, so the rollout's peak memory changes: roughly the KV cache of the whole generation batch plus the prefill of one chunk's new
             tokens, instead of the prefill and KV cache of one chunk's whole contexts. For models whose cache is a
             plain `DynamicCache` (full attention, e.g. Qwen2.5); others fall back to re-encoding with a warning.
             Not used with vLLM (vLLM caches prefixes itself).

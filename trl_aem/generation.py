@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .aem import token_entropy_from_logits
@@ -224,7 +225,7 @@ class _KVStore:
         ``generate`` sampled but never fed). Rows of a model without a plain dynamic cache are not kept."""
         layers = getattr(cache, "layers", None)
         if not layers or any(getattr(layer, "keys", None) is None for layer in layers) \
-                or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+                or any(type(layer) is not DynamicLayer for layer in layers):  # e.g. sliding-window layers
             if not self.warned:
                 self.warned = True
                 logger.warning("env_reuse_kv_cache: the model's cache (%s) is not a plain DynamicCache of full-"
@@ -232,18 +233,17 @@ class _KVStore:
                                type(cache).__name__)
             return
         width = attention_mask.size(1)
-        indices, per_row = [], []
-        for row, turn in enumerate(turns):
-            fed = max(len(turn) - 1, 0)
-            indices.append(torch.cat([attention_mask[row].nonzero().flatten(), torch.arange(width, width + fed)]))
-            per_row.append([])
+        fed = [max(len(turn) - 1, 0) for turn in turns]
+        indices = [torch.cat([attention_mask[row].nonzero().flatten(), torch.arange(width, width + n)])
+                   for row, n in enumerate(fed)]
+        per_row = [[] for _ in turns]
         for layer in layers:  # layer by layer, freeing the batch cache's layer once its rows are copied
             for row, index in enumerate(indices):
                 index = index.to(layer.keys.device)
                 per_row[row].append((layer.keys[row].index_select(1, index), layer.values[row].index_select(1, index)))
             layer.keys = layer.values = None
-        for key, context, turn, kv in zip(keys, contexts, turns, per_row):
-            self.entries[key] = (list(context) + list(turn[: max(len(turn) - 1, 0)]), kv)
+        for key, context, turn, n, kv in zip(keys, contexts, turns, fed, per_row):
+            self.entries[key] = (list(context) + list(turn[:n]), kv)
 
     def clear(self) -> None:
         """Drop every kept cache (the rollout is over)."""

@@ -93,7 +93,8 @@ plan() {
   [[ $DRY == 1 ]] || { basename "$src" >"$WORK/plan_$model.src"; : >"$WORK/plan_$model.txt"; }
   step "plan_$model" "$nominal" "$reserve" "$WORK/plan_$model.txt" \
     nice -n 10 env CUDA_VISIBLE_DEVICES= "$PY" benchmarks/memory_plan.py --model "$model" --batch-size "$B" \
-    --generation-batch-size "$G" --prompt-length "$P" --sequence-length "$L" --json "$WORK/plan_$model.json"
+    --generation-batch-size "$G" --prompt-length "$P" --sequence-length "$L" --lora-dropout 0 \
+    --json "$WORK/plan_$model.json"
 }
 
 say "== AEM GPU checks: OUT=$OUT, budget ${BUDGET}s, $(date -u +%FT%TZ)"
