@@ -248,17 +248,17 @@ def time_entropy_recorder(clock: Clock):
     cls = aem_generation.GenerationEntropyRecorder
     original_call, original_entropies = cls.__call__, cls.entropies
 
-    def timed_call(self, module, args, output):
+    def timed_call(self, module, args, kwargs, output):
         start = time.perf_counter()
         try:
-            return original_call(self, module, args, output)
+            return original_call(self, module, args, kwargs, output)
         finally:
             clock.add("entropy_hook", time.perf_counter() - start)
 
-    def timed_entropies(self):
+    def timed_entropies(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return original_entropies(self)
+            return original_entropies(self, *args, **kwargs)
         finally:
             clock.add("entropy_hook", time.perf_counter() - start)
 

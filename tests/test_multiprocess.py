@@ -58,6 +58,17 @@ def test_two_processes_match_one(tmp_path):
     # Both processes log the same (global) statistics.
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert ranks[0]["metrics"]["aem/alpha_mean"] == pytest.approx(1.0, abs=1e-6)
+    # Rank 1's shard masked out: its alphas are 1, rank 0's are AEM over rank 0's two spans alone, and both
+    # processes log the same statistics.
+    masked = [torch.load(tmp_path / f"masked_rank{r}.pt") for r in range(2)]
+    assert masked[0]["metrics"] == masked[1]["metrics"] and masked[0]["metrics"]["aem/spans"] == 2.0
+    assert torch.equal(masked[1]["token_alpha"], torch.ones_like(masked[1]["token_alpha"]))
+    rank0 = ranks[0]
+    table0 = span_mean_entropy(rank0["entropy"], rank0["loss_mask"])
+    alpha0 = aem_coefficients(table0.response_entropy, torch.zeros(2, dtype=torch.long), min_range=0.0)
+    for local_row in range(2):
+        mask = masked[0]["loss_mask"][local_row].bool()
+        torch.testing.assert_close(masked[0]["token_alpha"][local_row][mask], alpha0[local_row].expand(int(mask.sum())))
     # Training steps under DDP (gloo) ran and logged AEM's metrics.
     logs = torch.load(tmp_path / "train_logs.pt")
     assert len(logs) == 2

@@ -92,7 +92,8 @@ def span_mean_entropy(
 
     Returns:
         A :class:`SpanTable`, spans ordered by row then span id. Spans whose tokens are all outside the loss
-        mask are kept (``num_tokens == 0``, entropy NaN) so the caller can count and skip them.
+        mask are kept (``num_tokens == 0``, entropy NaN) so the caller can count and skip them. A batch with no
+        span at all (no token in any span) gives an empty table (``S == 0``, every ``span_index`` -1).
     """
     if token_entropy.dim() != 2 or loss_mask.shape != token_entropy.shape:
         raise ValueError(
@@ -113,6 +114,11 @@ def span_mean_entropy(
     keys = rows * stride + span_ids.clamp(min=0)
     unique_keys, inverse = torch.unique(keys[in_span], return_inverse=True)  # sorted: row-major order
     num_spans = unique_keys.numel()
+    if num_spans == 0:  # every token masked out (e.g. all completions truncated and masked): an empty table
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        float_dtype = token_entropy.dtype if token_entropy.is_floating_point() else torch.float32
+        return SpanTable(torch.zeros(0, dtype=float_dtype, device=device), empty, empty.clone(), empty.clone(),
+                         torch.full_like(span_ids, -1))
 
     span_index = torch.full_like(span_ids, -1)
     span_index[in_span] = inverse
@@ -335,3 +341,53 @@ def modulate_advantages(advantages: torch.Tensor, token_alpha: torch.Tensor) -> 
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     return advantages * token_alpha.to(advantages.dtype)
+
+
+def row_constant_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The one value of each row of ``values`` over its mask, or ``None`` if some row holds two different values.
+
+    Args:
+        values: ``(B, T)`` per-token values (e.g. AEM's advantages ``alpha * A_base``).
+        mask: ``(B, T)`` 1 for the tokens that count (the loss mask).
+
+    Returns:
+        ``(B,)`` tensor: for each row the value its masked tokens share (the value at column 0 for a row with no
+        masked token), or ``None`` when a row's masked tokens differ (a multi-span row with distinct alphas).
+        Used to hand TRL ``(B,)`` advantages wherever a ``(B, T)`` tensor would carry nothing more, so its loss
+        and metrics are exactly those of the base method.
+    """
+    if values.dim() != 2 or mask.shape != values.shape:
+        raise ValueError(f"values and mask must both be (B, T); got {tuple(values.shape)} and {tuple(mask.shape)}")
+    present = mask.bool()
+    has_token = present.any(dim=1)
+    first = torch.where(has_token, present.int().argmax(dim=1), torch.zeros_like(has_token, dtype=torch.long))
+    per_row = values.gather(1, first.unsqueeze(1)).squeeze(1)
+    same = (values == per_row.unsqueeze(1)) | ~present
+    return per_row if bool(same.all()) else None
+
+
+def sequence_token_old_logps(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor | None,
+                             mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old log-probabilities that turn a token-level ratio into GSPO's token form of the sequence ratio.
+
+    GSPO's sequence-level ratio ``s = exp(mean_t (logp_t - old_t))`` has one gradient path per sequence, so a row's
+    per-token advantages only enter through their mean. The GSPO-token form (GSPO paper, eq. for per-token
+    advantages) keeps the value and gives each token its own path:
+    ``log w_t = logp_t - sg(logp_t) + sg(mean_t (logp_t - old_t))``. A token-level loss computes
+    ``log w_t = logp_t - old'_t``; this returns ``old'_t = sg(logp_t) - sg(m)`` so that it computes exactly that.
+
+    Args:
+        per_token_logps: ``(B, T)`` log-probabilities under the current policy (with gradient).
+        old_per_token_logps: ``(B, T)`` log-probabilities under the sampling policy, or ``None`` (on-policy: equal
+            to ``per_token_logps``, ratio 1).
+        mask: ``(B, T)`` loss mask; the mean runs over it (as TRL's sequence-level ratio).
+
+    Returns:
+        ``(old', m)``: ``(B, T)`` detached old log-probabilities and the ``(B,)`` mean sequence log ratio ``m``.
+    """
+    current = per_token_logps.detach()
+    old = current if old_per_token_logps is None else old_per_token_logps
+    weights = mask.to(current.dtype)
+    log_ratio = torch.where(mask.bool(), current - old, torch.zeros_like(current))
+    mean_log_ratio = log_ratio.sum(-1) / weights.sum(-1).clamp(min=1.0)
+    return current - mean_log_ratio.unsqueeze(-1), mean_log_ratio

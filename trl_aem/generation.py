@@ -18,35 +18,71 @@ logger = logging.getLogger(__name__)
 
 
 class GenerationEntropyRecorder:
-    """Forward hook on a causal LM: records ``H(softmax(logits[:, -1] / temperature))`` at every decoding step.
+    """Forward hook on a causal LM: records ``H(softmax(logits[:, -1] / temperature))`` at every forward of ``generate``.
 
-    ``generate`` runs one forward per new token and samples from the last position's logits, so the recorded
-    step ``t`` is the full-vocabulary entropy of the distribution token ``t`` was drawn from (temperature-scaled,
-    before top-k/top-p, as TRL's ``entropy`` metric).
+    ``generate`` feeds the prompt (in one forward, or in several with chunked prefill, ``prefill_chunk_size``),
+    samples the first token from the last prompt forward's logits, then runs one forward per further token. So the
+    decoding steps are the forward that completes the prompt and every later one: :meth:`entropies` keeps exactly
+    those (the full-vocabulary entropy of the distribution each token was drawn from, temperature-scaled, before
+    top-k/top-p, as TRL's ``entropy`` metric) and rejects a recording whose number of steps does not match.
     """
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
         self.steps: list[torch.Tensor] = []
+        self.widths: list[int | None] = []
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, kwargs, output):
         logits = getattr(output, "logits", None)
         if logits is not None and logits.dim() == 3:
             self.steps.append(token_entropy_from_logits(logits[:, -1, :], self.temperature))
+            self.widths.append(_input_width(args, kwargs))
 
     @contextmanager
     def attached(self, module: torch.nn.Module):
         """Record while the ``with`` block runs (the hook is removed afterwards, even on error)."""
-        self.steps = []
-        handle = module.register_forward_hook(self)
+        self.steps, self.widths = [], []
+        handle = module.register_forward_hook(self, with_kwargs=True)
         try:
             yield self
         finally:
             handle.remove()
 
-    def entropies(self) -> torch.Tensor | None:
-        """``(B, steps)`` recorded entropies, or None if nothing was recorded."""
-        return torch.stack(self.steps, dim=1) if self.steps else None
+    def entropies(self, prefill_width: int | None = None, generated_width: int | None = None) -> torch.Tensor | None:
+        """``(B, steps)`` entropies of the decoding steps, or None if nothing (or nothing trustworthy) was recorded.
+
+        Args:
+            prefill_width: the number of prompt tokens ``generate`` fed before the first sampled token (the padded
+                prompt width, less any cached prefix). The forwards that fed only part of it (chunked prefill) are
+                dropped; ``None`` keeps every forward.
+            generated_width: the number of tokens ``generate`` sampled (the width of its output past the prompt).
+                When given, a recording with any other number of decoding steps is rejected (None).
+        """
+        if not self.steps:
+            return None
+        start = 0
+        if prefill_width is not None:
+            fed = 0
+            for start, width in enumerate(self.widths):
+                if width is None:
+                    return None
+                fed += width
+                if fed >= prefill_width:
+                    break
+            if fed != prefill_width:  # the forwards do not add up to the prompt: not the decoding loop we know
+                return None
+        steps = self.steps[start:]
+        if generated_width is not None and len(steps) != generated_width:
+            return None
+        return torch.stack(steps, dim=1)
+
+
+def _input_width(args, kwargs) -> int | None:
+    """How many positions one forward call fed (``input_ids`` or ``inputs_embeds``), or None if unknown."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.size(1))
+    return None
 
 
 def causal_lm_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,7 +184,16 @@ def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_conf
                                     generation_config=config, **extra)
         sequences = output.sequences if hasattr(output, "sequences") else output
         generated = sequences[:, prefix + suffix:].cpu()
-        recorded = recorder.entropies() if record_entropy else None
+        recorded = None
+        if record_entropy:
+            # With a cache given, generate feeds only the uncached tokens before the first sampled one.
+            prefill_width = suffix if _CACHE_ARGUMENT in extra else prefix + suffix
+            recorded = recorder.entropies(prefill_width=prefill_width, generated_width=generated.size(1))
+            if recorded is None:
+                logger.warning("could not match the recorded entropies to the %d generated positions; returning NaN "
+                               "entropies for this call (the trainer then computes them in a forward pass)",
+                               generated.size(1))
+                recorded = torch.full(generated.shape, float("nan"))
         tokens, entropies = [], []
         for row in range(generated.size(0)):
             turn = tokens_through_eos(generated[row].tolist(), eos)

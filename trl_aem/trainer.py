@@ -10,17 +10,27 @@ with :func:`trl_aem.aem.aem_modulation` over whole groups gathered from every pr
 from __future__ import annotations
 
 import copy
+import os
 import textwrap
 import warnings
 from typing import Any
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 
-from .aem import aem_modulation, broadcast_span_values, modulate_advantages, span_ids_from_mask, span_mean_entropy
+from .aem import (
+    aem_modulation,
+    broadcast_span_values,
+    modulate_advantages,
+    row_constant_values,
+    sequence_token_old_logps,
+    span_ids_from_mask,
+    span_mean_entropy,
+)
 from .callbacks import TRAJECTORY_COLUMNS, AEMPlotCallback, SuccessProgressCallback, trajectory_records
 from .config import AEMGRPOConfig
 from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn, tokens_through_eos
@@ -145,7 +155,12 @@ class AEMGRPOTrainer(GRPOTrainer):
         self._aem_capture_old_pass = False
         self._aem_token_entropy: torch.Tensor | None = None
         self._aem_generation_entropy: list[torch.Tensor] | None = None
+        # The shuffle ablation's random stream: one for training (saved in checkpoints), one for evaluation, so that
+        # evaluating never changes which permutations training draws.
         self._aem_generator = torch.Generator().manual_seed(int(self.args.seed))
+        self._aem_eval_generator = torch.Generator().manual_seed(int(self.args.seed) + 1)
+        self._aem_sequence_token_inputs: dict | None = None  # set while a loss uses GSPO's token form
+        self._aem_warned_trajectory_scope = False
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -193,8 +208,6 @@ class AEMGRPOTrainer(GRPOTrainer):
                 "use_vllm=True (importance sampling correction) or when gradient_accumulation_steps is not a multiple "
                 "of steps_per_generation * num_iterations. Allowed here: 'auto', 'generation', 'extra_pass'."
             )
-        if (self.generation_kwargs or {}).get("prefill_chunk_size") and recordable:
-            recordable = False  # chunked prefill runs several forwards before the first token: recording would shift
         if requested == "generation" and not recordable:
             raise ValueError(
                 "aem_entropy_source='generation' records entropies from transformers.generate, which this configuration "
@@ -211,6 +224,18 @@ class AEMGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, *args, **kwargs):
         """GRPOTrainer's scoring pass; when AEM asks for it, it also keeps the entropies of the old-logps pass."""
+        if self._aem_sequence_token_inputs is not None:
+            # The loss's own forward pass (its first call): rewrite the old log-probabilities of the batch being
+            # scored so that TRL's token-level ratio computes GSPO's token form (see compute_loss).
+            inputs, self._aem_sequence_token_inputs = self._aem_sequence_token_inputs, None
+            logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
+            )
+            mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+            inputs["old_per_token_logps"], inputs["aem_sequence_log_ratio"] = sequence_token_old_logps(
+                logps, inputs.get("old_per_token_logps"), mask
+            )
+            return logps, entropies, aux_loss
         if not self._aem_capture_old_pass:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
@@ -229,10 +254,16 @@ class AEMGRPOTrainer(GRPOTrainer):
         recorder = GenerationEntropyRecorder(self.temperature)
         with recorder.attached(causal_lm_module(self.accelerator.unwrap_model(self.model))):
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-        recorded = recorder.entropies()
+        # TRL left-pads the prompts (to a multiple of pad_to_multiple_of) and cuts each completion after its first
+        # EOS; generation ran until the longest completion ended, so that one has the generated width.
+        prefill_width = max((len(ids) for ids in prompt_ids), default=0)
+        if self.pad_to_multiple_of:
+            prefill_width = -(-prefill_width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         longest = max((len(ids) for ids in completion_ids), default=0)
-        if recorded is None or recorded.size(0) != len(completion_ids) or recorded.size(1) < longest:
-            warnings.warn("AEM could not record entropies during generation; falling back to an extra forward pass.")
+        recorded = recorder.entropies(prefill_width=prefill_width, generated_width=longest)
+        if recorded is None or recorded.size(0) != len(completion_ids):
+            warnings.warn("AEM could not match the entropies recorded during generation to the completions; falling "
+                          "back to an extra forward pass for this batch.")
             self._aem_generation_entropy = None
         else:
             self._aem_generation_entropy = [recorded[i, : len(ids)] for i, ids in enumerate(completion_ids)]
@@ -250,7 +281,6 @@ class AEMGRPOTrainer(GRPOTrainer):
         finally:
             self._aem_capture_old_pass = False
         self._env_log_metrics(inputs)
-        self._env_zero_failed_episodes(inputs, output)
         if not self.args.use_aem:
             return output
         token_entropy = self._aem_collect_token_entropy(output)
@@ -260,20 +290,38 @@ class AEMGRPOTrainer(GRPOTrainer):
             span_ids = span_ids_from_mask(output["completion_mask"] * output["tool_mask"])
         else:
             span_ids = None
-        output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids)
+        output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids,
+                                                  excluded_rows=self._env_failed_rows(inputs, token_entropy.device))
         return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """GRPOTrainer's rewards (gathered over processes); an episode ended by an environment fault gets NaN from
+        every reward function, so that TRL leaves it out of its group's baseline and gives it zero advantage."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        failed = self._env_failed_rows(inputs, rewards_per_func.device)
+        if failed is not None:
+            failed = self.accelerator.gather(failed.long()).bool()
+            rewards_per_func = rewards_per_func.masked_fill(failed.unsqueeze(1), float("nan"))
+        return rewards_per_func
+
+    def _env_failed_rows(self, inputs: list[dict], device) -> torch.Tensor | None:
+        """``(B,)`` bool, True for the local episodes that ended by an environment fault (None without ``env=``)."""
+        if self.env_runner is None or not inputs or "env_error" not in inputs[0]:
+            return None
+        return torch.tensor([x["env_error"] is not None for x in inputs], dtype=torch.bool, device=device)
 
     def _aem_collect_token_entropy(self, output: dict[str, Any]) -> torch.Tensor:
         """``(B, T)`` entropies of the completion tokens under the sampling policy, from the cheapest source."""
         completion_ids = output["completion_ids"]
         if self._aem_token_entropy is not None:
             entropy = self._aem_token_entropy
-        elif self._aem_generation_entropy is not None:
+        elif self._aem_generation_entropy is not None and not any(
+                torch.isnan(values).any() for values in self._aem_generation_entropy):
             entropy = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
             for row, values in enumerate(self._aem_generation_entropy):
                 width = min(values.numel(), entropy.size(1))
                 entropy[row, :width] = values[:width].to(entropy.device)
-        else:
+        else:  # no cheaper source, or a generate call whose recording could not be matched (NaN)
             entropy = self._aem_entropy_pass(output)
         self._aem_token_entropy, self._aem_generation_entropy = None, None
         return entropy
@@ -293,18 +341,33 @@ class AEMGRPOTrainer(GRPOTrainer):
         return entropy
 
     def _aem_modulate(self, output: dict[str, Any], token_entropy: torch.Tensor,
-                      span_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply AEM to ``output["advantages"]`` over whole groups gathered from all processes; log metrics."""
+                      span_ids: torch.Tensor | None = None, excluded_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply AEM to ``output["advantages"]`` over whole groups gathered from all processes; log metrics.
+
+        ``excluded_rows`` (``(B,)`` bool) marks rows whose spans take no part in AEM's statistics (episodes ended by
+        an environment fault); they keep alpha 1. A batch, or a process's shard, may have no span at all (every
+        completion masked): the gathered statistics are then those of the other processes' spans, and a batch
+        with no valid span anywhere leaves the advantages unchanged and logs no span statistics.
+        """
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         advantages = output["advantages"]
         self.aem_base_advantages = advantages.detach().clone()  # GRPO's (B,) advantages of the last scored batch
         if advantages.dim() != 1:
             raise ValueError("AEM expects one base advantage per trajectory (a (B,) tensor) from GRPOTrainer")
+        if span_ids is None and self.args.aem_scope == "trajectory" and not self._aem_warned_trajectory_scope:
+            self._aem_warned_trajectory_scope = True
+            warnings.warn(
+                'aem_scope="trajectory" on single-turn completions: every trajectory is one span, so every scope unit '
+                'is gated and alpha is 1 everywhere (plain GRPO). Use aem_scope="group" (the paper\'s) or "batch".',
+                stacklevel=2,
+            )
         loss_mask = output["completion_mask"]
         if "tool_mask" in output:
             loss_mask = loss_mask * output["tool_mask"]
         table = span_mean_entropy(token_entropy, loss_mask, span_ids)
+        if excluded_rows is None:
+            excluded_rows = torch.zeros(advantages.size(0), dtype=torch.bool, device=advantages.device)
 
         # Gather every process's spans: a group's completions may sit on several processes.
         local_rows = advantages.size(0)
@@ -313,15 +376,18 @@ class AEMGRPOTrainer(GRPOTrainer):
         local = torch.stack(
             [table.response_entropy.double(), global_row.double(), table.num_tokens.double(),
              advantages.detach().double()[table.row], table.span_id.double(),
-             torch.ones_like(global_row, dtype=torch.float64)],
+             torch.ones_like(global_row, dtype=torch.float64), excluded_rows.to(table.row.device)[table.row].double()],
             dim=1,
-        )
+        ).reshape(-1, 7)
         gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=0))
         gathered = gathered[gathered[:, 5] > 0]
         all_entropy, all_row = gathered[:, 0].float(), gathered[:, 1].long()
         all_tokens, all_adv, all_turn = gathered[:, 2].long(), gathered[:, 3], gathered[:, 4].long()
-        nonempty = all_tokens > 0
-        # Spans with no loss tokens carry no gradient; keep them out of the statistics (NaN entropy = invalid).
+        all_excluded = gathered[:, 6] > 0
+        nonempty = (all_tokens > 0) & ~all_excluded
+        nonfinite = nonempty & ~torch.isfinite(all_entropy)
+        # Spans with no loss tokens carry no gradient, and failed episodes no signal: keep both out of the
+        # statistics (NaN entropy = invalid, alpha 1).
         all_entropy = torch.where(nonempty, all_entropy, torch.full_like(all_entropy, float("nan")))
 
         result = aem_modulation(
@@ -332,11 +398,12 @@ class AEMGRPOTrainer(GRPOTrainer):
             scope=self.args.aem_scope,
             direction=self.args.aem_direction,
             trajectory_index=all_row,
-            generator=self._aem_generator,
+            generator=self._aem_generator if mode == "train" else self._aem_eval_generator,
         )
-        self._aem_log_metrics(mode, result, all_entropy, all_adv, nonempty)
+        self._aem_log_metrics(mode, result, all_entropy, all_adv, nonempty, nonfinite)
         if span_ids is not None:
             self._aem_log_turn_metrics(mode, result, all_entropy, all_turn)
+        self._aem_log_row_alpha(result.alpha, all_row, all_tokens, local_rows * self.accelerator.num_processes)
 
         mine = (all_row >= row_offset) & (all_row < row_offset + local_rows)
         local_alpha = result.alpha[mine].to(advantages.device)
@@ -344,13 +411,30 @@ class AEMGRPOTrainer(GRPOTrainer):
         self.aem_last_token_alpha = token_alpha  # (B, T) alpha of the last scored batch, for inspection
         return modulate_advantages(advantages, token_alpha)
 
-    def _aem_log_metrics(self, mode, result, span_entropy, span_advantage, nonempty) -> None:
-        """Log AEM's span statistics (identical on every process, computed over the gathered batch)."""
+    def _aem_log_row_alpha(self, alpha: torch.Tensor, row: torch.Tensor, tokens: torch.Tensor, num_rows: int) -> None:
+        """Add ``aem_alpha`` (each trajectory's token-weighted mean alpha, 1 without loss tokens) to TRL's completions
+        table, beside its ``advantage`` column, which holds the base (pre-AEM) advantage."""
+        weight = tokens.double()
+        total = torch.zeros(num_rows, dtype=torch.float64).index_add_(0, row.cpu(), (alpha.double() * weight).cpu())
+        count = torch.zeros(num_rows, dtype=torch.float64).index_add_(0, row.cpu(), weight.cpu())
+        row_alpha = torch.where(count > 0, total / count.clamp(min=1.0), torch.ones_like(total))
+        self._logs["extra"]["aem_alpha"].extend(row_alpha.tolist())
+
+    def _aem_log_metrics(self, mode, result, span_entropy, span_advantage, nonempty, nonfinite) -> None:
+        """Log AEM's span statistics (identical on every process, computed over the gathered batch).
+
+        ``aem/spans`` (spans with loss tokens) and ``aem/nonfinite_entropy_spans`` are logged for every scored
+        batch; the alpha, gate and entropy statistics only for batches with at least one valid span (absent, not
+        NaN or a stand-in, for a batch whose completions are all masked)."""
         metrics = self._metrics[mode]
+        metrics["aem/spans"].append(float(nonempty.sum().item()))
+        metrics["aem/nonfinite_entropy_spans"].append(float(nonfinite.sum().item()))
+        if nonempty.any():
+            metrics["aem/neg_adv_frac"].append((span_advantage[nonempty] < 0).float().mean().item())
         valid = result.valid
+        if not valid.any():
+            return
         alpha = result.alpha[valid].double()
-        if alpha.numel() == 0:
-            alpha = torch.ones(1, dtype=torch.float64)
         metrics["aem/alpha_mean"].append(alpha.mean().item())
         metrics["aem/alpha_std"].append(alpha.std(unbiased=False).item())
         metrics["aem/alpha_min"].append(alpha.min().item())
@@ -358,10 +442,8 @@ class AEMGRPOTrainer(GRPOTrainer):
         quantiles = torch.quantile(alpha, alpha.new_tensor([0.1, 0.5, 0.9])).tolist()
         for name, value in zip(("aem/alpha_p10", "aem/alpha_p50", "aem/alpha_p90"), quantiles):
             metrics[name].append(value)
-        metrics["aem/gated_frac"].append(result.gated[valid].float().mean().item() if valid.any() else 1.0)
-        metrics["aem/response_entropy_mean"].append(span_entropy[valid].mean().item() if valid.any() else 0.0)
-        metrics["aem/neg_adv_frac"].append((span_advantage[nonempty] < 0).float().mean().item() if nonempty.any() else 0.0)
-        metrics["aem/nonfinite_entropy_spans"].append(float((nonempty & ~valid).sum().item()))
+        metrics["aem/gated_frac"].append(result.gated[valid].float().mean().item())
+        metrics["aem/response_entropy_mean"].append(span_entropy[valid].double().mean().item())
 
     def _aem_log_turn_metrics(self, mode, result, span_entropy, turn, max_turns_logged: int = 8) -> None:
         """Per-turn AEM metrics for multi-turn rollouts: ``aem/turn{k}/alpha_mean`` and ``.../response_entropy_mean``."""
@@ -371,6 +453,72 @@ class AEMGRPOTrainer(GRPOTrainer):
             if chosen.any():
                 metrics[f"aem/turn{k}/alpha_mean"].append(result.alpha[chosen].double().mean().item())
                 metrics[f"aem/turn{k}/response_entropy_mean"].append(span_entropy[chosen].double().mean().item())
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPOTrainer's loss on AEM's advantages, so that every span's alpha reaches the gradient.
+
+        * Where every row's advantage is one value over its loss tokens (single-turn, aem off or gated, one alpha
+          per row), TRL gets ``(B,)`` advantages: its loss and its metrics are exactly the base method's.
+        * Otherwise, at ``importance_sampling_level="sequence"`` TRL's one ratio per row would see only the row's
+          mean advantage: the loss then runs in GSPO's token form (same ratio value on every token, one gradient
+          path per token), and the clip metrics are recomputed per sequence, as TRL reports them for GSPO.
+        * At token level, TRL takes the ``(B, T)`` advantages as they are.
+        """
+        advantages = inputs["advantages"]
+        if advantages.dim() != 2:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        per_row = row_constant_values(advantages, mask)
+        if self.importance_sampling_level == "sequence" and self.accelerator.num_processes > 1:
+            # The two paths make different collective calls: every process must take the same one.
+            flag = torch.tensor([0 if per_row is None else 1], device=advantages.device)
+            if int(self.accelerator.reduce(flag, reduction="sum").item()) < self.accelerator.num_processes:
+                per_row = None
+        if per_row is not None:
+            return super().compute_loss(model, {**inputs, "advantages": per_row}, return_outputs, num_items_in_batch)
+        if self.importance_sampling_level != "sequence":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        scored = dict(inputs)  # the buffered batch is reused by later iterations: leave it unchanged
+        self._aem_sequence_token_inputs = scored
+        self.importance_sampling_level = "token"
+        try:
+            loss = super().compute_loss(model, scored, return_outputs, num_items_in_batch)
+        finally:
+            self.importance_sampling_level = "sequence"
+            self._aem_sequence_token_inputs = None
+        self._aem_sequence_clip_metrics(scored["aem_sequence_log_ratio"], advantages, mask)
+        return loss
+
+    def _aem_sequence_clip_metrics(self, sequence_log_ratio: torch.Tensor, advantages: torch.Tensor,
+                                   mask: torch.Tensor) -> None:
+        """Replace the clip metrics TRL just logged from token-form ratios by its per-sequence definitions."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        with torch.no_grad():
+            row_advantage = torch.where(mask.bool(), advantages, torch.zeros_like(advantages)).sum(-1)  # sign only
+            ratio = torch.exp(sequence_log_ratio)
+            if self.loss_type == "cispo":
+                clipped = ((ratio > self.epsilon_high) & (row_advantage > 0)).float()
+                metrics["cispo_clip_ratio"][-1] = self._aem_global_row_mean(clipped)
+                return
+            if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+                return
+            if self.args.delta is not None:
+                ratio = torch.clamp(ratio, max=self.args.delta)
+            low = ((ratio < 1 - self.epsilon_low) & (row_advantage < 0)).float()
+            high = ((ratio > 1 + self.epsilon_high) & (row_advantage > 0)).float()
+            metrics["clip_ratio/low_mean"][-1] = self._aem_global_row_mean(low)
+            metrics["clip_ratio/high_mean"][-1] = self._aem_global_row_mean(high)
+            metrics["clip_ratio/region_mean"][-1] = self._aem_global_row_mean(torch.maximum(low, high))
+            metrics["clip_ratio/low_min"][-1] = nanmin(self.accelerator.gather(low)).item()
+            metrics["clip_ratio/high_max"][-1] = nanmax(self.accelerator.gather(high)).item()
+
+    def _aem_global_row_mean(self, values: torch.Tensor) -> float:
+        """Mean of one value per row over the rows of every process."""
+        local = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     # ------------------------------------------------------------------ multi-turn environments
     def _env_rollout(self, prompts: list, trainer=None) -> dict[str, list]:
@@ -444,6 +592,24 @@ class AEMGRPOTrainer(GRPOTrainer):
             "env_error": [e.error for e in episodes],
         }
 
+    # ------------------------------------------------------------------ checkpoints
+    #: File, in a checkpoint folder, with the state of AEM's training random stream (the shuffle ablation's).
+    AEM_RNG_STATE_FILE = "aem_rng_state.pth"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The Trainer's random states, plus AEM's training generator (identical on every process)."""
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            torch.save({"aem_generator": self._aem_generator.get_state()},
+                       os.path.join(output_dir, self.AEM_RNG_STATE_FILE))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """The Trainer's random states, plus AEM's training generator when the checkpoint has it."""
+        super()._load_rng_state(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, self.AEM_RNG_STATE_FILE)
+        if path is not None and os.path.isfile(path):
+            self._aem_generator.set_state(torch.load(path, weights_only=True)["aem_generator"])
+
     # ------------------------------------------------------------------ reporting
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """GRPOTrainer's logging, then (with wandb) a table of sample trajectories of the latest rollout."""
@@ -516,14 +682,6 @@ class AEMGRPOTrainer(GRPOTrainer):
             span_ids[row, : len(values)] = torch.tensor(values, dtype=torch.long)
         return span_ids
 
-    def _env_zero_failed_episodes(self, inputs: list[dict], output: dict[str, Any]) -> None:
-        """Episodes ended by an environment fault carry no learning signal, whatever other reward functions said."""
-        if self.env_runner is None or not inputs or "env_error" not in inputs[0]:
-            return
-        failed = torch.tensor([x["env_error"] is not None for x in inputs], device=output["advantages"].device)
-        if failed.any():
-            output["advantages"] = output["advantages"].masked_fill(failed, 0.0)
-
     def _env_log_metrics(self, inputs: list[dict]) -> None:
         """Log ``env/*`` metrics of the episodes just played, over all processes."""
         if self.env_runner is None or not inputs or "env_return" not in inputs[0]:
@@ -548,8 +706,10 @@ class AEMGRPOTrainer(GRPOTrainer):
 def env_return(completions, env_return=None, env_error=None, **kwargs) -> list[float | None]:
     """Reward function used with ``env=``: the episode return (sum of the environment's rewards).
 
-    Episodes that ended because the environment failed get ``None`` (TRL then leaves them out of the group
-    baseline and gives them zero advantage), so an environment fault never teaches the policy anything.
+    Episodes that ended because the environment failed get ``None``. ``AEMGRPOTrainer`` then sets every reward
+    function's value of such an episode to NaN (whatever the others returned), so TRL treats it as unscorable: it
+    takes no part in its group's mean and std, its advantage is 0, and its spans take no part in AEM's group
+    statistics. An environment fault never teaches the policy anything, nor shifts the other episodes' baselines.
     """
     if env_return is None:
         raise ValueError("env_return reward needs the env_return column that AEMGRPOTrainer(env=...) provides")

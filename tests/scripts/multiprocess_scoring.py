@@ -51,6 +51,22 @@ torch.save(
     os.path.join(out_dir, f"rank{rank}.pt"),
 )
 
+# The same batch with rank 1's whole shard masked out of the loss (e.g. all its completions truncated): rank 1 has no
+# span, rank 0 has two; the gathered statistics must still agree across processes, and nothing may fail.
+masked = dict(output, advantages=trainer.aem_base_advantages.clone())
+if rank == 1:
+    masked["completion_mask"] = torch.zeros_like(output["completion_mask"])
+trainer._metrics["train"].clear()
+trainer._aem_modulate(masked, trainer.used_entropy)
+torch.save(
+    {
+        "token_alpha": trainer.aem_last_token_alpha.cpu(),
+        "loss_mask": masked["completion_mask"].cpu(),
+        "metrics": {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("aem/")},
+    },
+    os.path.join(out_dir, f"masked_rank{rank}.pt"),
+)
+
 # Then train for real on both processes (DDP over gloo): the loss and AEM's metrics must come out finite.
 trainer.train()
 if trainer.accelerator.is_main_process:
