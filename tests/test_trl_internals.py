@@ -74,3 +74,49 @@ def test_attributes_aem_reads():
                       "num_iterations", "temperature", "num_generations", "num_generations_eval", "_metrics",
                       "tools", "rollout_func"):
         assert f"self.{attribute} =" in source, _fail(f"GRPOTrainer no longer sets self.{attribute}")
+
+
+def test_loss_internals_the_sequence_token_form_relies_on():
+    """compute_loss's GSPO token form: the loss's first forward precedes its read of old_per_token_logps, the ratio
+    level is read from self.importance_sampling_level, and the clip metrics AEM rewrites are logged under these names."""
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    forward = source.index("self._get_per_token_logps_and_entropies(")
+    old_read = source.index('inputs.get("old_per_token_logps")')
+    assert forward < old_read, _fail("_compute_loss reads old_per_token_logps before its forward pass")
+    assert 'if self.importance_sampling_level == "token":' in source, _fail(
+        "_compute_loss no longer reads self.importance_sampling_level"
+    )
+    for metric in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                   "clip_ratio/high_max", "cispo_clip_ratio"):
+        assert f'"{metric}"' in source, _fail(f"_compute_loss no longer logs {metric}")
+    assert "GRPOTrainer does not support returning outputs" in inspect.getsource(GRPOTrainer.compute_loss), _fail(
+        "compute_loss is no longer a thin call of _compute_loss"
+    )
+
+
+def test_reward_internals_failed_episodes_rely_on():
+    """Failed episodes: _calculate_rewards returns the gathered (N, F) rewards, and rows whose rewards are all NaN
+    are left out of the group baseline with zero advantage."""
+    params = list(inspect.signature(GRPOTrainer._calculate_rewards).parameters)
+    assert params == ["self", "inputs", "prompts", "completions", "completion_ids_list"], _fail(
+        f"GRPOTrainer._calculate_rewards now takes {params}"
+    )
+    assert "rewards_per_func = gather(rewards_per_func)" in inspect.getsource(GRPOTrainer._calculate_rewards), _fail(
+        "_calculate_rewards no longer returns rewards gathered over processes"
+    )
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)" in source, _fail(
+        "rows whose reward functions all returned None are no longer left out of the baseline"
+    )
+    assert 'self._logs["extra"]' in source or '"extra": defaultdict' in inspect.getsource(GRPOTrainer.__init__), _fail(
+        "the completions table's extra columns (_logs['extra'])"
+    )
+
+
+def test_checkpoint_hooks_aem_overrides():
+    from transformers import Trainer
+
+    for name in ("_save_rng_state", "_load_rng_state"):
+        method = getattr(Trainer, name, None)
+        assert method is not None, _fail(f"transformers' Trainer.{name} is gone (AEM saves its shuffle generator there)")
+        assert list(inspect.signature(method).parameters)[:2] in (["self", "output_dir"], ["self", "checkpoint"])

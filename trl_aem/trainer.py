@@ -3,8 +3,10 @@
 The glue is thin. GRPOTrainer generates, scores and computes its group-relative advantages as usual; this class
 then (1) takes the per-token entropy of every sampled completion under the policy that sampled it, without an
 extra forward pass where one can be avoided, (2) averages it per response span, (3) computes AEM's alpha per span
-with :func:`trl_aem.aem.aem_modulation` over whole groups gathered from every process, and (4) hands TRL per-token
-``(B, T)`` advantages ``alpha * A_base``, which TRL's loss accepts for every loss type.
+with :func:`trl_aem.aem.aem_modulation` over whole groups gathered from every process, and (4) hands TRL's loss the
+advantages ``alpha * A_base``: ``(B,)`` where every row has one value (TRL's exact numbers), per-token ``(B, T)``
+otherwise, and for multi-span rows under sequence-level importance sampling GSPO's token form, so that every span's
+alpha shapes the gradient (see :meth:`AEMGRPOTrainer.compute_loss` and ``docs/method.md``).
 """
 
 from __future__ import annotations
