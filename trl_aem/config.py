@@ -12,6 +12,8 @@ from trl import GRPOConfig
 from .aem import DIRECTIONS, SCOPES
 
 ENTROPY_SOURCES = ("auto", "generation", "old_logps", "extra_pass")
+ENV_CONTEXTS = ("full", "window")
+ENV_PROMPT_FORMATS = ("chat", "react")
 
 
 def _check_number(name: str, value, *, minimum: float = 0.0) -> None:
@@ -87,6 +89,27 @@ class AEMGRPOConfig(GRPOConfig):
             tokens, instead of the prefill and KV cache of one chunk's whole contexts. For models whose cache is a
             plain `DynamicCache` (full attention, e.g. Qwen2.5); others fall back to re-encoding with a warning.
             Not used with vLLM (vLLM caches prefixes itself).
+        env_context (`str`, *optional*, defaults to `"full"`):
+            What the model sees at each turn. `"full"`: one growing sequence per episode (prompt, action 1,
+            observation 1, action 2, ...), one training row per episode. `"window"`: the paper's step-wise setting:
+            every turn is a fresh prompt (the task, the last `env_history_turns` observation/action pairs and the
+            current observation) and one training row (a *segment*); every segment carries its episode's advantage,
+            and AEM's group is all turns of the G episodes of one task (see `docs/environments.md`).
+        env_history_turns (`int`, *optional*, defaults to `2`):
+            With `env_context="window"`, how many earlier observation/action pairs each turn's prompt shows (>= 0;
+            verl-agent's `history_length`).
+        env_prompt_format (`str`, *optional*, defaults to `"chat"`):
+            `"chat"`: observations are user messages and the model's answer is the action. `"react"`: each turn's
+            user message is a step prompt (task, step number, recent history, current observation, admissible
+            actions when the environment lists them) asking for reasoning in `<think>...</think>` and the action in
+            `<action>...</action>`; an answer without exactly one well-formed action tag is an invalid action: the
+            environment is not stepped, the turn gets reward `-env_invalid_action_penalty`.
+        env_invalid_action_penalty (`float`, *optional*, defaults to `0.1`):
+            The reward of a malformed answer with `env_prompt_format="react"` is minus this (paper: 0.1).
+        env_rows_per_forward (`int`, *optional*):
+            With `env_context="window"`, most segment rows in one forward pass (the scoring passes, and the loss,
+            which then runs its backward pass in parts of this many rows). A rollout of N episodes gives up to
+            N x `env_max_turns` rows; this bounds their activation memory. `None`: no bound.
         env_system_prompt (`str`, *optional*):
             A system message put before the dataset's prompt (chat models) or a first line (plain text).
         env_kwargs (`dict`, *optional*):
@@ -138,6 +161,25 @@ class AEMGRPOConfig(GRPOConfig):
     env_reuse_kv_cache: bool = field(
         default=False, metadata={"help": "Keep each episode's KV cache between turns (encode only new tokens)."}
     )
+    env_context: str = field(
+        default="full",
+        metadata={"help": "full: one growing sequence per episode; window: a fresh prompt per turn (step-wise).",
+                  "choices": list(ENV_CONTEXTS)},
+    )
+    env_history_turns: int = field(
+        default=2, metadata={"help": "With env_context=window: earlier observation/action pairs shown per turn."}
+    )
+    env_prompt_format: str = field(
+        default="chat",
+        metadata={"help": "chat: observations as messages; react: step prompts with <think>/<action> tags.",
+                  "choices": list(ENV_PROMPT_FORMATS)},
+    )
+    env_invalid_action_penalty: float = field(
+        default=0.1, metadata={"help": "With env_prompt_format=react: reward -penalty for a malformed answer."}
+    )
+    env_rows_per_forward: int | None = field(
+        default=None, metadata={"help": "With env_context=window: most segment rows per forward pass (None = all)."}
+    )
     env_system_prompt: str | None = field(default=None, metadata={"help": "System message for environment episodes."})
     env_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Keyword arguments for gymnasium.make (a dict, or a JSON string)."}
@@ -186,6 +228,23 @@ class AEMGRPOConfig(GRPOConfig):
         if self.env_reuse_kv_cache and self.use_vllm:
             raise ValueError("env_reuse_kv_cache=True applies to transformers generation; with use_vllm=True, vLLM "
                              "caches prefixes itself: leave env_reuse_kv_cache False")
+        _check_choice("env_context", self.env_context, ENV_CONTEXTS)
+        _check_choice("env_prompt_format", self.env_prompt_format, ENV_PROMPT_FORMATS)
+        history = self.env_history_turns
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ValueError(f"env_history_turns must be an integer >= 0, got {history!r}")
+        _check_number("env_invalid_action_penalty", self.env_invalid_action_penalty)
+        rows = self.env_rows_per_forward
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"env_rows_per_forward must be an integer >= 1, or None for no bound, got {rows!r}")
+        if self.env_context == "window":
+            if self.env_reuse_kv_cache:
+                raise ValueError("env_reuse_kv_cache=True has nothing to reuse with env_context='window' (every turn is a "
+                                 "fresh prompt); leave it False, or use env_context='full'")
+            if self.use_vllm:
+                raise ValueError("env_context='window' does not support use_vllm=True yet (its importance-sampling "
+                                 "correction would need per-segment sampling log-probabilities); use transformers "
+                                 "generation (use_vllm=False) or env_context='full'")
         if not isinstance(self.env_raise_on_error, bool):
             raise ValueError(f"env_raise_on_error must be True or False, got {self.env_raise_on_error!r}")
         if not isinstance(self.aem_plots, bool):

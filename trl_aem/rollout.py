@@ -33,6 +33,7 @@ from typing import Any
 
 import gymnasium
 
+from .context import MALFORMED_ACTION_NOTE, ContextPolicy, FullContext, TurnHistory
 from .envs import resolve_env_id
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,24 @@ class RolloutLimits:
 
 
 @dataclass
+class Segment:
+    """One training row of a trajectory: a prompt (the context the model saw) and what followed it in that context."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    env_mask: list[int] = field(default_factory=list)  # 1 for generated tokens, 0 for observation tokens
+    span_ids: list[int] = field(default_factory=list)  # turn index for generated tokens, -1 for observations
+    token_entropy: list[float] = field(default_factory=list)  # entropy of generated tokens, 0 for observations
+    token_logprobs: list[float] = field(default_factory=list)  # sampling logprob of generated tokens, NaN otherwise
+
+
+@dataclass
 class Episode:
-    """One multi-turn trajectory and its outcome."""
+    """One multi-turn trajectory and its outcome.
+
+    ``prompt_ids`` ... ``token_logprobs`` hold the episode's current (with ``env_context="full"``: only) segment;
+    ``closed_segments`` the earlier ones (``env_context="window"``); :meth:`segments` lists them all.
+    """
 
     prompt_ids: list[int]
     completion_ids: list[int] = field(default_factory=list)
@@ -89,6 +106,27 @@ class Episode:
     invalid_actions: int = 0
     error: str | None = None
     done: bool = False
+    closed_segments: list[Segment] = field(default_factory=list)
+    task: str | None = None  # info["task"] from reset, if the environment states it
+    admissible_actions: list[str] | None = None  # info["admissible_actions"] of the latest observation
+    malformed_actions: int = 0  # react answers without a well-formed action tag
+
+    def segments(self) -> list[Segment]:
+        """Every segment of the episode, in order (the current one last)."""
+        current = Segment(self.prompt_ids, self.completion_ids, self.env_mask, self.span_ids, self.token_entropy,
+                          self.token_logprobs)
+        return [*self.closed_segments, current]
+
+    def start_segment(self, prompt_ids: list[int]) -> None:
+        """Close the current segment (if it has any generated token) and start a new one with ``prompt_ids``."""
+        if self.completion_ids:
+            self.closed_segments.append(self.segments()[-1])
+        self.prompt_ids, self.completion_ids, self.env_mask, self.span_ids = list(prompt_ids), [], [], []
+        self.token_entropy, self.token_logprobs = [], []
+
+    def history(self, prompt: Any) -> TurnHistory:
+        """The episode so far in text, for a context policy."""
+        return TurnHistory(prompt, list(self.observations), list(self.actions), self.task, self.admissible_actions)
 
     @property
     def episode_return(self) -> float:
@@ -277,6 +315,20 @@ class ObservationRenderer:
         """Token ids of :meth:`prompt_text`."""
         return self.tokenizer(self.prompt_text(prompt, observation), add_special_tokens=False)["input_ids"]
 
+    def messages_text(self, messages: list[dict]) -> str:
+        """A segment's prompt text from its conversation (the system prompt put first if it has none): the chat
+        template with the generation prompt, or the messages' contents one per line (plain text)."""
+        if self.system_prompt and messages and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **self.chat_template_kwargs)
+        return "".join(f"{m.get('content', '')}\n" for m in messages)
+
+    def messages_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of :meth:`messages_text`."""
+        return self.tokenizer(self.messages_text(messages), add_special_tokens=False)["input_ids"]
+
     def observation_text(self, observation: str, action_ended_with_eos: bool) -> str:
         """The text placed between one generated action and the next."""
         if not self.use_chat_template:
@@ -318,8 +370,12 @@ class EnvRunner:
         num_workers: int = 8,
         timeout: float | None = 60.0,
         raise_on_error: bool = False,
+        context: ContextPolicy | None = None,
+        invalid_action_penalty: float = 0.1,
     ):
         self.env_factory = env_factory
+        self.context = context or FullContext()
+        self.invalid_action_penalty = float(invalid_action_penalty)
         self.renderer = renderer
         self.limits = limits
         self.num_workers = num_workers
@@ -329,6 +385,10 @@ class EnvRunner:
         self._logged_errors: set[str] = set()
         self._warned_no_seed = False
         self.last_error_count = 0
+
+    def _first_prompt_ids(self, episode: Episode, prompt: Any) -> list[int]:
+        """The first segment's prompt: the dataset prompt with the first turn's text (the first observation)."""
+        return self.renderer.messages_ids(self.context.messages(episode.history(prompt)))
 
     def _environments(self, count: int) -> list[Any]:
         while len(self._pool) < count:
@@ -382,7 +442,7 @@ class EnvRunner:
             episode = episodes[i]
             if exc is None:
                 try:
-                    observation, _ = check_reset_result(env, result)
+                    observation, reset_info = check_reset_result(env, result)
                 except EnvironmentProtocolError as protocol_error:
                     exc = protocol_error
             if exc is not None:
@@ -390,7 +450,9 @@ class EnvRunner:
                 self._fail(episode, i, env, "reset", exc)
                 continue
             episode.observations.append(observation)
-            episode.prompt_ids = self.renderer.prompt_ids(prompt, observation)
+            episode.task = reset_info.get("task") if isinstance(reset_info.get("task"), str) else None
+            episode.admissible_actions = _listed_actions(reset_info)
+            episode.prompt_ids = self._first_prompt_ids(episode, prompt)
 
         while True:
             active = [i for i, e in enumerate(episodes) if not e.done]
@@ -415,20 +477,30 @@ class EnvRunner:
             tokens, entropies = generated[0], generated[1]
             logprobs = generated[2] if len(generated) > 2 else None
             actions = {}
+            prompt_format = self.context.prompt_format
             for k, i in enumerate(order):
                 turn_tokens = list(tokens[k])[: budgets[i]]
                 turn_entropy = None if entropies is None else list(entropies[k])[: len(turn_tokens)]
                 turn_logprobs = None if logprobs is None else list(logprobs[k])[: len(turn_tokens)]
                 text = self.renderer.action_text(turn_tokens)
-                episodes[i].append_action(turn_tokens, turn_entropy, text, turn_logprobs)
-                actions[i] = (text, bool(turn_tokens) and turn_tokens[-1] in self.renderer.eos_token_ids)
+                action = prompt_format.parse_action(text)
+                episodes[i].append_action(turn_tokens, turn_entropy, text if action is None else action, turn_logprobs)
+                actions[i] = (action, bool(turn_tokens) and turn_tokens[-1] in self.renderer.eos_token_ids)
             if not order:
                 continue  # this process is done; it joined the collective generate call for the others
 
-            steps = call_all([lambda e=envs[i], a=actions[i][0]: e.step(a) for i in order], self.timeout,
-                             self.num_workers)
-            for (result, exc), i in zip(steps, order):
+            stepped = [i for i in order if actions[i][0] is not None]
+            results = dict(zip(stepped, call_all([lambda e=envs[i], a=actions[i][0]: e.step(a) for i in stepped],
+                                                 self.timeout, self.num_workers)))
+            for i in order:
                 episode, env = episodes[i], envs[i]
+                if i not in results:  # a malformed answer: the environment is not stepped
+                    episode.malformed_actions += 1
+                    result = (f"{MALFORMED_ACTION_NOTE}\n{episode.observations[-1]}", -self.invalid_action_penalty,
+                              False, False, {"invalid_action": True})
+                    exc = None
+                else:
+                    result, exc = results[i]
                 if exc is None:
                     try:
                         observation, reward, terminated, truncated, info = check_step_result(env, result)
@@ -445,7 +517,19 @@ class EnvRunner:
                     episode.terminated, episode.truncated = bool(terminated), bool(truncated) and not terminated
                     episode.done = True
                     continue
-                observation_ids = self.renderer.observation_ids(observation, actions[i][1])
+                listed = _listed_actions(info)
+                if listed is not None or "admissible_actions" in info:
+                    episode.admissible_actions = listed
+                history = episode.history(prompts[i])
+                history.observations.append(observation)
+                if self.context.starts_new_segment(history):
+                    if episode.num_turns >= limits.max_turns:
+                        episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
+                        continue
+                    episode.observations.append(observation)
+                    episode.start_segment(self.renderer.messages_ids(self.context.messages(history)))
+                    continue
+                observation_ids = self.renderer.observation_ids(self.context.observation_text(history), actions[i][1])
                 remaining = limits.max_completion_length - len(episode.completion_ids)
                 if len(observation_ids) >= remaining or episode.num_turns >= limits.max_turns:
                     episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
@@ -458,3 +542,11 @@ class EnvRunner:
                 episode.success = False
         self.last_error_count = sum(e.error is not None for e in episodes)
         return episodes
+
+
+def _listed_actions(info: dict) -> list[str] | None:
+    """``info["admissible_actions"]`` as a list of strings, or None if the environment does not list them."""
+    listed = info.get("admissible_actions")
+    if isinstance(listed, (list, tuple)) and all(isinstance(a, str) for a in listed):
+        return list(listed)
+    return None

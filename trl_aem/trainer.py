@@ -23,6 +23,7 @@ from trl.trainer.utils import nanmax, nanmin
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
 from .aem import (
     aem_modulation,
@@ -36,7 +37,9 @@ from .aem import (
 from .callbacks import TRAJECTORY_COLUMNS, AEMPlotCallback, SuccessProgressCallback, trajectory_records
 from .config import AEMGRPOConfig
 from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn, tokens_through_eos
+from .context import make_context_policy
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, make_env_factory
+from .segments import pad_segments, row_parts, split_rows, take_rows
 
 #: Keys of the scored batch that AEM reads (TRL's ``_generate_and_score_completions`` output).
 SCORED_BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
@@ -145,8 +148,17 @@ class AEMGRPOTrainer(GRPOTrainer):
                 num_workers=self.args.env_num_workers,
                 timeout=self.args.env_timeout,
                 raise_on_error=self.args.env_raise_on_error,
+                context=make_context_policy(self.args.env_context, self.args.env_history_turns,
+                                            self.args.env_prompt_format),
+                invalid_action_penalty=self.args.env_invalid_action_penalty,
             )
             self.rollout_func = self._env_rollout
+        #: With env= and env_context="window": every turn is one training row (a segment).
+        self._env_window = env is not None and self.args.env_context == "window"
+        if self._env_window and self.is_deepspeed_enabled and self.args.env_rows_per_forward is not None:
+            raise ValueError("env_rows_per_forward runs the loss's backward pass in parts, which DeepSpeed's engine does "
+                             "not allow; with DeepSpeed leave it None (bound the rows with per_device_train_batch_size "
+                             "and env_max_turns) or use DDP/FSDP")
         self._env_rows: list[dict] | None = None
         self._env_last_rollout: tuple[str, list[dict], list] | None = None  # (mode, rows, episodes), for the table
         if self.args.aem_plots:
@@ -277,24 +289,149 @@ class AEMGRPOTrainer(GRPOTrainer):
         self._env_rows = inputs  # the environment rollout reads the rows' seed/task columns
         self._aem_token_entropy = None
         self._aem_generation_entropy = None
-        self._aem_capture_old_pass = self.args.use_aem and self.aem_entropy_source == "old_logps"
+        # (in window mode TRL scores one placeholder row per episode; the real passes run on the segment rows)
+        self._aem_capture_old_pass = (self.args.use_aem and self.aem_entropy_source == "old_logps"
+                                      and not self._env_window)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._aem_capture_old_pass = False
         self._env_log_metrics(inputs)
+        row_episode = None
+        if self._env_window:
+            output, span_ids, row_episode = self._env_segment_batch(inputs, output)
         if not self.args.use_aem:
             return output
         token_entropy = self._aem_collect_token_entropy(output)
-        if self.env_runner is not None:
+        if self._env_window:
+            pass  # span_ids: the turn index of every generated token of every segment row
+        elif self.env_runner is not None:
             span_ids = self._env_span_ids(inputs, output["completion_ids"])
         elif "tool_mask" in output:  # TRL's tool/environment_factory loops or a rollout_func's env_mask: turns
             span_ids = span_ids_from_mask(output["completion_mask"] * output["tool_mask"])
         else:
             span_ids = None
-        output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids,
-                                                  excluded_rows=self._env_failed_rows(inputs, token_entropy.device))
+        failed = self._env_failed_rows(inputs, token_entropy.device)
+        if failed is not None and row_episode is not None:
+            failed = failed[row_episode]
+        output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids, excluded_rows=failed,
+                                                  row_episode=row_episode, num_episodes=len(inputs))
         return output
+
+    # ------------------------------------------------------------------ windowed context: segment rows
+    def _env_segment_batch(self, inputs: list[dict], output: dict[str, Any]):
+        """Replace TRL's one placeholder row per episode by the episodes' segment rows (``env_context="window"``).
+
+        Every segment carries its episode's base advantage; the old-policy and reference log-probabilities (when
+        TRL's configuration needs them) and AEM's entropies are computed on the segment rows, exactly the contexts
+        the model sampled in, at most ``env_rows_per_forward`` rows per forward pass.
+
+        Returns ``(batch, span_ids, row_episode)``: the scored batch of the segment rows, the ``(M, T)`` turn index of
+        every generated token, and the ``(M,)`` local episode index of every row.
+        """
+        mode = "train" if self.model.training else "eval"
+        device = output["advantages"].device
+        episode_of_row, segments = [], []
+        for index, row in enumerate(inputs):
+            for segment in row["env_segments"]:
+                episode_of_row.append(index)
+                segments.append(segment)
+        padded = pad_segments(segments, self._tokenizer.pad_token_id, self.eos_token_ids,
+                              pad_to_multiple_of=self.pad_to_multiple_of,
+                              mask_truncated=self.mask_truncated_completions)
+        padded = {key: value.to(device) for key, value in padded.items()}
+        span_ids, recorded_entropy = padded.pop("span_ids"), padded.pop("token_entropy")
+        row_episode = torch.tensor(episode_of_row, dtype=torch.long, device=device)
+        loss_mask = padded["completion_mask"] * padded["tool_mask"]
+        batch = dict(padded, advantages=output["advantages"][row_episode],
+                     num_items_in_batch=self.accelerator.gather(loss_mask.sum()).sum())
+
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        width = batch["completion_ids"].size(1)
+        rows = self.args.env_rows_per_forward
+        want_entropy = self.args.use_aem and self.aem_entropy_source == "old_logps"
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self._old_logps_pass_runs():
+                logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, width, batch_size=rows, compute_entropy=want_entropy)
+                batch["old_per_token_logps"] = logps
+                if want_entropy:
+                    self._aem_token_entropy = entropies
+            if self.beta != 0.0:
+                batch["ref_per_token_logps"] = self._env_reference_logps(input_ids, attention_mask, width, rows)
+        if self.args.use_aem and self.aem_entropy_source == "generation":
+            self._aem_generation_entropy = list(recorded_entropy)
+        self._env_segment_metrics(mode, segments, row_episode, len(inputs))
+        return batch, span_ids, row_episode
+
+    def _env_reference_logps(self, input_ids, attention_mask, width: int, rows: int | None) -> torch.Tensor:
+        """The reference model's log-probabilities on segment rows (TRL's choice of reference: a reference model, or
+        the policy with its adapter disabled, or the initial adapter ``ref``)."""
+        if self.ref_model is not None:
+            logps, _, _ = super()._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, width,
+                                                                     batch_size=rows)
+            return logps
+        model = self.accelerator.unwrap_model(self.model)
+        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+            logps, _, _ = super()._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, width,
+                                                                     batch_size=rows)
+        return logps
+
+    def _env_segment_metrics(self, mode: str, segments, row_episode: torch.Tensor, num_episodes: int) -> None:
+        """Completion metrics of the segment rows (replacing TRL's, computed on placeholders) and
+        ``env/segments_per_episode``; tokens seen counts the segments' tokens."""
+        device = row_episode.device
+        lengths = torch.tensor([sum(s.env_mask) for s in segments], dtype=torch.float32, device=device)
+        ends = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
+        truncated = torch.tensor([not s.completion_ids or s.completion_ids[-1] not in ends for s in segments],
+                                 device=device)
+        all_lengths, all_truncated = self.accelerator.gather(lengths), self.accelerator.gather(truncated)
+        metrics = self._metrics[mode]
+        terminated = all_lengths[~all_truncated] if (~all_truncated).any() else torch.zeros(1, device=device)
+        for name, value in (("completions/mean_length", all_lengths.mean()), ("completions/min_length", all_lengths.min()),
+                            ("completions/max_length", all_lengths.max()),
+                            ("completions/clipped_ratio", all_truncated.float().mean()),
+                            ("completions/mean_terminated_length", terminated.mean()),
+                            ("completions/min_terminated_length", terminated.min()),
+                            ("completions/max_terminated_length", terminated.max())):
+            if metrics.get(name):
+                metrics[name][-1] = value.item()
+            else:
+                metrics[name].append(value.item())
+        counts = self.accelerator.gather(torch.tensor([float(len(segments)), float(num_episodes)], device=device))
+        counts = counts.view(-1, 2).sum(0)
+        metrics["env/segments_per_episode"].append((counts[0] / counts[1].clamp(min=1)).item())
+        if mode == "train":  # TRL counted the placeholders (one prompt and one completion token per episode)
+            tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in segments) - 2 * num_episodes
+            self.state.num_input_tokens_seen += self.accelerator.gather(
+                torch.tensor([tokens], device=device)).sum().item()
+            metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+
+    def _prepare_inputs(self, generation_batch):
+        """GRPOTrainer's batching; with ``env_context="window"`` the rollout's variable number of segment rows is
+        shuffled and split into ``steps_per_generation`` micro-batches without dropping a row (sizes differ by at
+        most one; a micro-batch left empty gets one fully masked row)."""
+        if not (self._env_window and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            rows = batch["prompt_ids"].size(0)
+            order = torch.randperm(rows, device=batch["prompt_ids"].device)
+            chunks = [take_rows(batch, order[part]) for part in split_rows(rows, self.args.steps_per_generation)]
+            self._buffered_inputs = [chunk if chunk["prompt_ids"].size(0) else self._masked_row(batch)
+                                     for chunk in chunks]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    @staticmethod
+    def _masked_row(batch: dict[str, Any]) -> dict[str, Any]:
+        """One row that takes no part in the loss (every token masked, advantage 0), shaped like ``batch``'s rows."""
+        row = take_rows(batch, slice(0, 1))
+        for key, value in row.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                row[key] = torch.zeros_like(value) if key != "prompt_mask" else torch.ones_like(value)
+        return row
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """GRPOTrainer's rewards (gathered over processes); an episode ended by an environment fault gets NaN from
@@ -334,6 +471,8 @@ class AEMGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        if self._env_window:
+            batch_size = self.args.env_rows_per_forward
         forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if key in output}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             _, entropy, _ = self._get_per_token_logps_and_entropies(
@@ -343,13 +482,18 @@ class AEMGRPOTrainer(GRPOTrainer):
         return entropy
 
     def _aem_modulate(self, output: dict[str, Any], token_entropy: torch.Tensor,
-                      span_ids: torch.Tensor | None = None, excluded_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      span_ids: torch.Tensor | None = None, excluded_rows: torch.Tensor | None = None,
+                      row_episode: torch.Tensor | None = None, num_episodes: int | None = None) -> torch.Tensor:
         """Apply AEM to ``output["advantages"]`` over whole groups gathered from all processes; log metrics.
 
         ``excluded_rows`` (``(B,)`` bool) marks rows whose spans take no part in AEM's statistics (episodes ended by
         an environment fault); they keep alpha 1. A batch, or a process's shard, may have no span at all (every
         completion masked): the gathered statistics are then those of the other processes' spans, and a batch
         with no valid span anywhere leaves the advantages unchanged and logs no span statistics.
+
+        ``row_episode`` (``(B,)`` long, with ``num_episodes``) maps rows to this process's episodes when an episode
+        spans several rows (``env_context="window"``): groups, trajectories and the completions table are then
+        per episode; ``None`` means one row per episode.
         """
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
@@ -372,20 +516,24 @@ class AEMGRPOTrainer(GRPOTrainer):
             excluded_rows = torch.zeros(advantages.size(0), dtype=torch.bool, device=advantages.device)
 
         # Gather every process's spans: a group's completions may sit on several processes.
-        local_rows = advantages.size(0)
-        row_offset = self.accelerator.process_index * local_rows
-        global_row = table.row + row_offset
+        if row_episode is None:
+            row_episode = torch.arange(advantages.size(0), device=table.row.device)
+            num_episodes = advantages.size(0)
+        rank = self.accelerator.process_index
+        global_episode = row_episode.to(table.row.device)[table.row] + rank * num_episodes
         local = torch.stack(
-            [table.response_entropy.double(), global_row.double(), table.num_tokens.double(),
+            [table.response_entropy.double(), global_episode.double(), table.num_tokens.double(),
              advantages.detach().double()[table.row], table.span_id.double(),
-             torch.ones_like(global_row, dtype=torch.float64), excluded_rows.to(table.row.device)[table.row].double()],
+             torch.ones_like(global_episode, dtype=torch.float64),
+             excluded_rows.to(table.row.device)[table.row].double(),
+             torch.full_like(global_episode, rank, dtype=torch.float64)],
             dim=1,
-        ).reshape(-1, 7)
+        ).reshape(-1, 8)
         gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=0))
         gathered = gathered[gathered[:, 5] > 0]
         all_entropy, all_row = gathered[:, 0].float(), gathered[:, 1].long()
         all_tokens, all_adv, all_turn = gathered[:, 2].long(), gathered[:, 3], gathered[:, 4].long()
-        all_excluded = gathered[:, 6] > 0
+        all_excluded, all_rank = gathered[:, 6] > 0, gathered[:, 7].long()
         nonempty = (all_tokens > 0) & ~all_excluded
         nonfinite = nonempty & ~torch.isfinite(all_entropy)
         # Spans with no loss tokens carry no gradient, and failed episodes no signal: keep both out of the
@@ -405,16 +553,15 @@ class AEMGRPOTrainer(GRPOTrainer):
         self._aem_log_metrics(mode, result, all_entropy, all_adv, nonempty, nonfinite)
         if span_ids is not None:
             self._aem_log_turn_metrics(mode, result, all_entropy, all_turn)
-        self._aem_log_row_alpha(result.alpha, all_row, all_tokens, local_rows * self.accelerator.num_processes)
+        self._aem_log_row_alpha(result.alpha, all_row, all_tokens, num_episodes * self.accelerator.num_processes)
 
-        mine = (all_row >= row_offset) & (all_row < row_offset + local_rows)
-        local_alpha = result.alpha[mine].to(advantages.device)
+        local_alpha = result.alpha[all_rank == rank].to(advantages.device)  # this process's spans, in local order
         token_alpha = broadcast_span_values(local_alpha, table.span_index)
         self.aem_last_token_alpha = token_alpha  # (B, T) alpha of the last scored batch, for inspection
         return modulate_advantages(advantages, token_alpha)
 
     def _aem_log_row_alpha(self, alpha: torch.Tensor, row: torch.Tensor, tokens: torch.Tensor, num_rows: int) -> None:
-        """Add ``aem_alpha`` (each trajectory's token-weighted mean alpha, 1 without loss tokens) to TRL's completions
+        """Add ``aem_alpha`` (each episode's token-weighted mean alpha, 1 without loss tokens) to TRL's completions
         table, beside its ``advantage`` column, which holds the base (pre-AEM) advantage."""
         weight = tokens.double()
         total = torch.zeros(num_rows, dtype=torch.float64).index_add_(0, row.cpu(), (alpha.double() * weight).cpu())
@@ -458,6 +605,45 @@ class AEMGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPOTrainer's loss on AEM's advantages (see :meth:`_aem_compute_loss`).
+
+        With ``env_context="window"`` and ``env_rows_per_forward``, a micro-batch with more rows than that runs in
+        parts: each part's loss is weighted by its share of the normaliser of the ``loss_type`` (rows for grpo, sapo,
+        dr_grpo and luspo; loss tokens for bnpo; none for dapo, cispo and vespo, which already divide by the
+        generation batch's tokens), every part but the last is back-propagated here (without gradient
+        synchronisation), and the last one is returned for the Trainer's backward pass. The gradient equals the
+        unsplit micro-batch's; processes agree on the number of parts (a process with fewer runs masked parts).
+        """
+        if return_outputs:
+            raise ValueError("The GRPOTrainer does not support returning outputs")
+        bound = self.args.env_rows_per_forward if self._env_window else None
+        rows = inputs["prompt_ids"].size(0)
+        parts = row_parts(rows, bound)
+        count = len(parts)
+        if bound is not None and self.accelerator.num_processes > 1:
+            count = self._max_over_processes(count)
+        if count == 1:
+            return self._aem_compute_loss(model, inputs)
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        tokens = mask.sum().clamp(min=1)
+        done = None
+        for k in range(count):
+            part = take_rows(inputs, parts[k]) if k < len(parts) else self._masked_row(inputs)
+            if self.loss_type in ("dapo", "cispo", "vespo"):
+                weight = 1.0
+            elif self.loss_type == "bnpo":
+                weight = (mask[parts[k]].sum() / tokens).item() if k < len(parts) else 0.0
+            else:
+                weight = (parts[k].stop - parts[k].start) / rows if k < len(parts) else 0.0
+            if k == count - 1:
+                last = self._aem_compute_loss(model, part) * weight
+                return last if done is None else last + done
+            with self.accelerator.no_sync(model):
+                loss = self._aem_compute_loss(model, part) * weight
+                self.accelerator.backward(loss)
+            done = loss.detach() if done is None else done + loss.detach()
+
+    def _aem_compute_loss(self, model, inputs):
         """GRPOTrainer's loss on AEM's advantages, so that every span's alpha reaches the gradient.
 
         * Where every row's advantage is one value over its loss tokens (single-turn, aem off or gated, one alpha
@@ -469,7 +655,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         """
         advantages = inputs["advantages"]
         if advantages.dim() != 2:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, inputs)
         mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
         per_row = row_constant_values(advantages, mask)
         if self.importance_sampling_level == "sequence" and self.accelerator.num_processes > 1:
@@ -478,14 +664,14 @@ class AEMGRPOTrainer(GRPOTrainer):
             if int(self.accelerator.reduce(flag, reduction="sum").item()) < self.accelerator.num_processes:
                 per_row = None
         if per_row is not None:
-            return super().compute_loss(model, {**inputs, "advantages": per_row}, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, {**inputs, "advantages": per_row})
         if self.importance_sampling_level != "sequence":
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, inputs)
         scored = dict(inputs)  # the buffered batch is reused by later iterations: leave it unchanged
         self._aem_sequence_token_inputs = scored
         self.importance_sampling_level = "token"
         try:
-            loss = super().compute_loss(model, scored, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(model, scored)
         finally:
             self.importance_sampling_level = "sequence"
             self._aem_sequence_token_inputs = None
@@ -563,7 +749,23 @@ class AEMGRPOTrainer(GRPOTrainer):
         """TRL's rollout_func output for played episodes (plus the episode fields reward functions receive)."""
         if self.args.env_log_trajectories > 0 and "wandb" in (self.args.report_to or []):
             self._env_last_rollout = ("train" if self.model.training else "eval", list(self._env_rows), episodes)
+        fields = {
+            "env_return": [e.episode_return for e in episodes],
+            "env_success": [bool(e.success) for e in episodes],
+            "env_turns": [e.num_turns for e in episodes],
+            "env_invalid_actions": [e.invalid_actions for e in episodes],
+            "env_truncated": [bool(e.truncated) for e in episodes],
+            "env_error": [e.error for e in episodes],
+            "env_actions": [list(e.actions) for e in episodes],
+        }
         eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.pad_token_id
+        if self._env_window:
+            # TRL gets one placeholder row per episode (a pad prompt token and a masked EOS) for its rewards and
+            # group advantages; the segment rows replace them after scoring (_env_segment_batch).
+            pad = self._tokenizer.pad_token_id
+            return dict(fields, prompt_ids=[[pad] for _ in episodes], completion_ids=[[eos] for _ in episodes],
+                        logprobs=None, env_mask=[[0] for _ in episodes], aem_span_ids=[[-1] for _ in episodes],
+                        env_segments=[e.segments() for e in episodes])
         completion_ids, env_mask, span_ids, logprobs = [], [], [], []
         for episode in episodes:
             if episode.completion_ids:
@@ -580,19 +782,8 @@ class AEMGRPOTrainer(GRPOTrainer):
             self._aem_generation_entropy = [
                 torch.tensor(e.token_entropy if e.completion_ids else [0.0], dtype=torch.float32) for e in episodes
             ]
-        return {
-            "prompt_ids": [e.prompt_ids for e in episodes],
-            "completion_ids": completion_ids,
-            "logprobs": logprobs if with_logprobs else None,
-            "env_mask": env_mask,
-            "aem_span_ids": span_ids,
-            "env_return": [e.episode_return for e in episodes],
-            "env_success": [bool(e.success) for e in episodes],
-            "env_turns": [e.num_turns for e in episodes],
-            "env_invalid_actions": [e.invalid_actions for e in episodes],
-            "env_truncated": [bool(e.truncated) for e in episodes],
-            "env_error": [e.error for e in episodes],
-        }
+        return dict(fields, prompt_ids=[e.prompt_ids for e in episodes], completion_ids=completion_ids,
+                    logprobs=logprobs if with_logprobs else None, env_mask=env_mask, aem_span_ids=span_ids)
 
     # ------------------------------------------------------------------ checkpoints
     #: File, in a checkpoint folder, with the state of AEM's training random stream (the shuffle ablation's).
