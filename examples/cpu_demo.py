@@ -11,7 +11,8 @@ What happens (everything is built in code; nothing is downloaded):
    instruct model instead).
 4. AEM-GRPO training in the environment (AEMGRPOTrainer with env=...), G = 8 episodes per task.
 5. Success after each phase (sampled at the rollout temperature, the policy RL optimises; greedy too), and what
-   AEM did (alpha spread, span entropy, negative-advantage share, gated groups).
+   AEM did (alpha spread and token entropy in the training summary; span entropy, negative-advantage share, gated
+   groups).
 """
 
 from __future__ import annotations
@@ -132,7 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
         bf16=False,
         use_cpu=True,
         seed=args.seed,
-        disable_tqdm=True,
     )
     trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=ENV_ID,
                              train_dataset=make_env_dataset(args.rl_steps * args.tasks_per_step))
@@ -144,16 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[eval] after RL   {results['rl']}   ({args.rl_steps} {method} steps, {time.time() - t0:.0f}s)")
     print(f"[eval] after RL, greedy {results['rl_greedy']}")
 
+    # Training printed its progress bar and a one-line summary ([train] ...); every metric is in the log history.
     logs = [entry for entry in trainer.state.log_history if "env/success_rate" in entry]
-    if logs:
+    if logs and "aem/alpha_std" in logs[-1]:
         first, last = logs[0], logs[-1]
-        print(f"[train] episode success while training: {first['env/success_rate']:.1%} (first log) -> "
-              f"{last['env/success_rate']:.1%} (last log)")
-        if "aem/alpha_std" in last:
-            print(f"[aem] alpha std {first['aem/alpha_std']:.3f} -> {last['aem/alpha_std']:.3f}; span entropy "
-                  f"{first['aem/response_entropy_mean']:.3f} -> {last['aem/response_entropy_mean']:.3f}; negative "
-                  f"advantage share {first['aem/neg_adv_frac']:.2f} -> {last['aem/neg_adv_frac']:.2f}; "
-                  f"gated {last['aem/gated_frac']:.2f}")
+        print(f"[aem] span entropy {first['aem/response_entropy_mean']:.3f} -> "
+              f"{last['aem/response_entropy_mean']:.3f}; negative advantage share {first['aem/neg_adv_frac']:.2f} -> "
+              f"{last['aem/neg_adv_frac']:.2f}; gated {last['aem/gated_frac']:.2f}")
     print(f"[summary] success on {args.eval_tasks} held-out tasks (sampled, temperature {args.temperature}): "
           f"untrained {results['untrained'].success_rate:.1%} -> warm start {results['warm_start'].success_rate:.1%} "
           f"-> {method} {results['rl'].success_rate:.1%}; greedy {results['warm_start_greedy'].success_rate:.1%} -> "
@@ -168,4 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from trl_aem.scripts import quiet_known_noise
+
+    quiet_known_noise()  # transformers' FutureWarnings about names TRL uses, datasets' progress bars
     main()

@@ -5,8 +5,8 @@ import torch
 from conftest import base_args, red_reward
 from datasets import Dataset
 
-from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, evaluate, expert_sft_dataset, make_env_dataset
-from trl_aem.agents import _pass_at_k
+from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, evaluate, expert_sft_dataset, make_env_dataset, warm_start
+from trl_aem.agents import _pass_at_k, eos_token_ids
 from trl_aem.envs import CodeBreaker, env_vocabulary
 from trl_aem.rollout import initial_messages
 from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer
@@ -42,6 +42,57 @@ def test_evaluate_model_policy_runs_the_training_rollouts():
         evaluate(CB, "model", num_tasks=1)
     with pytest.raises(ValueError, match="policy must be"):
         evaluate(CB, "oracle", num_tasks=1)
+
+
+def test_eos_token_ids_are_built_as_trl_builds_them():
+    """The tokenizer's EOS first unless the model declares it; every id the model declares (one, or a list)."""
+    tokenizer = build_word_tokenizer(env_vocabulary(CB, **CodeBreaker.EASIEST))
+    model = build_tiny_qwen2(tokenizer, hidden_size=32)
+    eos = tokenizer.eos_token_id
+    assert eos_token_ids(model, tokenizer) == [eos]
+    model.generation_config.eos_token_id = [7, eos]  # e.g. Qwen2.5: <|im_end|> and <|endoftext|>
+    assert eos_token_ids(model, tokenizer) == [7, eos]
+    model.generation_config.eos_token_id = 7
+    assert eos_token_ids(model, tokenizer) == [eos, 7]
+    model.generation_config.eos_token_id = None
+    assert eos_token_ids(model, tokenizer) == [eos]
+
+
+def test_evaluate_stops_turns_on_every_eos_id_the_model_declares(monkeypatch):
+    """As in training (TRL's eos_token_ids), a turn ends at any EOS id of the model's generation_config, not only at
+    the tokenizer's: here the untrained model's first word, declared as a second EOS, ends every action."""
+    import trl_aem.agents as agents
+
+    tokenizer = build_word_tokenizer(env_vocabulary(CB, **CodeBreaker.EASIEST))
+    model = build_tiny_qwen2(tokenizer, hidden_size=32)
+    settings = dict(model=model, tokenizer=tokenizer, num_tasks=2, env_kwargs=CodeBreaker.EASIEST, max_turns=2,
+                    max_new_tokens_per_turn=4)
+    before = evaluate(CB, "model", **settings)
+    first_action = before.episodes[0]["actions"][0]
+    word_ids = tokenizer.encode(first_action, add_special_tokens=False)
+    assert len(word_ids) == 4 and tokenizer.eos_token_id not in word_ids  # the greedy turn used its whole budget
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, word_ids[0]]
+    seen = []
+    real = agents.make_hf_generate_fn
+    monkeypatch.setattr(agents, "make_hf_generate_fn",
+                        lambda model, pad, eos, config, **kw: seen.append((eos, config.eos_token_id)) or
+                        real(model, pad, eos, config, **kw))
+    after = evaluate(CB, "model", **settings)
+    assert seen == [([tokenizer.eos_token_id, word_ids[0]], [tokenizer.eos_token_id, word_ids[0]])]
+    stop_word = tokenizer.decode(word_ids[:1])
+    assert all(action == stop_word for episode in after.episodes for action in episode["actions"]), after.episodes
+
+
+def test_warm_start_prints_no_raw_metric_dicts(capsys, tmp_path):
+    """The supervised warm start trains quietly: no dictionary per log on the console (they stay in the trainer's
+    log history; log level info prints them)."""
+    tokenizer = build_word_tokenizer(env_vocabulary(CB, **CodeBreaker.EASIEST))
+    model = build_tiny_qwen2(tokenizer, hidden_size=32)
+    data = expert_sft_dataset(CB, range(8), env_kwargs=CodeBreaker.EASIEST)
+    warm_start(model, tokenizer, data, max_steps=2, batch_size=4, output_dir=str(tmp_path))  # logs every step
+    out, err = capsys.readouterr()
+    assert "{'loss'" not in out + err and "{'train_runtime'" not in out + err
+    assert "[train]" not in out  # no summary line either: the caller reports the warm start
 
 
 def test_make_env_dataset_and_expert_sft_dataset():

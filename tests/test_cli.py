@@ -179,6 +179,92 @@ def test_bad_values_are_usage_errors(args, message, capsys, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["scope.yaml"]  # nothing ran
 
 
+def test_bf16_follows_the_hardware_when_not_set(tmp_path, monkeypatch):
+    """Flags alone (no recipe) on a machine without a bf16 CUDA device: bf16 off instead of TRL's default (on), which
+    failed with "Your setup doesn't support bf16/gpu"; a recipe's or a flag's bf16 still wins."""
+    import trl_aem.scripts.train_agent as train_agent
+    from trl_aem.cli import split_launch_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_agent, "default_bf16", lambda: False)
+    argv = ["--env_id", "trl_aem/CodeBreaker-v0", "--model_name_or_path", "X"]
+    assert split_launch_args(argv) == ([], argv)  # what `trl-aem train` parses and checks first
+    _, training_args, _ = train_agent.make_parser().parse_args_and_config(argv)
+    assert training_args.bf16 is False
+    flags = ["--bf16", "true", "--use_cpu", "true"]
+    _, training_args, _ = train_agent.make_parser().parse_args_and_config(argv + flags)
+    assert training_args.bf16 is True
+    with_bf16 = write_recipe(tmp_path / "bf16.yaml", bf16=True)
+    _, training_args, _ = train_agent.make_parser().parse_args_and_config(["--config", str(with_bf16)])
+    assert training_args.bf16 is True
+    # with a bf16 CUDA device the default stays TRL's (None: bf16 unless fp16)
+    monkeypatch.setattr(train_agent, "default_bf16", lambda: True)
+    assert train_agent.make_parser().get_default("bf16") is None
+
+
+def test_default_bf16_needs_a_cuda_device_with_bf16(monkeypatch):
+    import torch
+
+    from trl_aem.scripts.train_agent import default_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_bf16() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert default_bf16() is True  # natively
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert default_bf16() is False  # only emulated (pre-Ampere): float32
+
+
+def test_the_env_id_is_checked_first(capsys, tmp_path, monkeypatch):
+    """A wrong --env_id is the first error, naming the field and pointing to `trl-aem env list`: before the model
+    and the training configuration are checked, and before any model is loaded."""
+    import trl_aem.scripts.train_agent as train_agent
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_agent, "build_model_and_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    bad_scope = write_recipe(tmp_path / "scope.yaml", aem_scope="foo", env_id="trl_aem/CodeBreakr-v0")
+    for args in (["--env_id", "trl_aem/CodeBreakr-v0"],  # and no --model_name_or_path
+                 ["--env_id", "trl_aem/CodeBreakr-v0", "--model_name_or_path", "X", "--env_max_turns", "0"],
+                 ["--config", str(bad_scope)]):
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("trl-aem train: error: env_id 'trl_aem/CodeBreakr-v0' is not a registered gymnasium "
+                              "id"), err
+        assert "`trl-aem env list`" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["scope.yaml"]  # nothing ran
+
+
+def test_entry_points_hide_only_known_harmless_noise(tmp_path):
+    """transformers' FutureWarnings about the gradient-checkpointing names TRL uses and datasets' progress bars are
+    hidden by quiet_known_noise (which the entry points call); other warnings still show."""
+    import warnings
+
+    import datasets
+    from conftest import base_args
+
+    from trl_aem import AEMGRPOConfig
+    from trl_aem.scripts import quiet_known_noise
+
+    def future_warnings(quiet: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if quiet:
+                quiet_known_noise()
+            AEMGRPOConfig(**base_args(tmp_path))  # TRL's default gradient_checkpointing=True
+            warnings.warn("a warning of its own", FutureWarning)
+        return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+    assert any("gradient_checkpointing" in message for message in future_warnings(quiet=False))  # the noise exists
+    enabled = datasets.is_progress_bar_enabled()
+    try:
+        assert future_warnings(quiet=True) == ["a warning of its own"]
+        assert not datasets.is_progress_bar_enabled()
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def load_example_script():
     """``examples/train_agent.py`` as a module."""
     return load_script("examples/train_agent.py", "example_train_agent")
@@ -380,6 +466,11 @@ def test_train_saves_the_model_and_its_results(trained):
     steps = [entry for entry in logs if "env/success_rate" in entry]
     assert [entry["step"] for entry in steps] == [1, 2]
     assert all("aem/alpha_std" in entry and "aem/response_entropy_mean" in entry for entry in steps)
+    # the console: a progress bar and one summary line, no raw metric dictionary, no known-harmless warning
+    assert [line for line in result.stdout.splitlines() if line.startswith("[train] 2 steps")], result.stdout
+    for text in (result.stdout, result.stderr):
+        assert "{'loss'" not in text and "{'train_runtime'" not in text and "FutureWarning" not in text, text
+    assert "success=" in result.stderr and "Tokenizing train dataset" not in result.stderr
 
 
 @pytest.mark.slow

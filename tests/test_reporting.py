@@ -1,4 +1,5 @@
-"""Reporting: training plots, the success rate on progress bars, tensorboard and trackio receiving AEM/env metrics."""
+"""Reporting: training plots, the console (progress bar with a few numbers, a one-line summary, no raw metric
+dictionaries unless asked for), tensorboard and trackio receiving AEM/env metrics."""
 
 import math
 import socket
@@ -12,7 +13,15 @@ from test_rollout import WORDS
 
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, Episode, evaluate
 from trl_aem import callbacks as callbacks_module
-from trl_aem.callbacks import AEMPlotCallback, SuccessProgressCallback, plot_training, trajectory_records
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from trl_aem.callbacks import (
+    AEMPlotCallback,
+    SuccessProgressCallback,
+    plot_training,
+    training_summary,
+    trajectory_records,
+)
 from trl_aem.tiny import build_word_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,6 +127,48 @@ def test_success_progress_postfix():
     assert Progress.training_bar.postfix == {"reward": "0.25"}
 
 
+def test_progress_callback_takes_over_from_transformers_printing_callbacks():
+    """transformers' ProgressCallback (bar + a raw dict per log) and PrinterCallback (raw dicts) leave the trainer's
+    list; the bar is drawn only where ProgressCallback was; other displays (notebook, user's) stay."""
+    other = object()
+    callbacks = [other, ProgressCallback()]
+    callback = SuccessProgressCallback(callbacks)
+    assert callbacks == [other] and callback.owns_display and callback.progress is not None
+    callbacks = [PrinterCallback(), other]
+    callback = SuccessProgressCallback(callbacks)
+    assert callbacks == [other] and callback.owns_display and callback.progress is None
+    callbacks = [other]
+    callback = SuccessProgressCallback(callbacks)
+    assert callbacks == [other] and not callback.owns_display and callback.progress is None
+
+
+def test_raw_metric_dicts_only_with_log_level_info(tmp_path, capsys):
+    class State:
+        is_world_process_zero = True
+        log_history = []
+
+    logs = {"loss": 0.5, "env/success_rate": 0.25, "total_flos": 1.0}
+    quiet = AEMGRPOConfig(**base_args(tmp_path))
+    SuccessProgressCallback([PrinterCallback()]).on_log(quiet, State(), None, logs=dict(logs))
+    assert capsys.readouterr().out == ""
+    verbose = AEMGRPOConfig(**base_args(tmp_path, log_level="info"))
+    SuccessProgressCallback([PrinterCallback()]).on_log(verbose, State(), None, logs=dict(logs))
+    assert capsys.readouterr().out == "{'loss': '0.5', 'env/success_rate': '0.25'}\n"
+
+
+def test_training_summary_line():
+    assert training_summary(fake_history(multi_turn=True)) == (
+        "[train] 5 steps in 1s, 5 logs (first -> last): loss 0.1 -> 0.1, success 10.0% -> 50.0%, entropy 1.9 -> "
+        "1.5, alpha std 0.1 -> 0.5")
+    # single-turn: reward instead of success; no AEM: no alpha std; a custom tag
+    assert training_summary(fake_history(multi_turn=False, aem=False), label="grpo") == (
+        "[grpo] 5 steps in 1s, 5 logs (first -> last): loss 0.1 -> 0.1, reward 0.2 -> 1, entropy 1.9 -> 1.5")
+    # one run shorter than logging_steps: TRL merges the metrics into the final log, which has only train_loss
+    final = {"step": 4, "train_runtime": 3.2, "train_loss": -0.02, "env/success_rate": 0.125, "entropy": 2.5}
+    assert training_summary([final]) == "[train] 4 steps in 3s: mean loss -0.02, success 12.5%, entropy 2.5"
+    assert training_summary([]) is None
+
+
 def test_trajectory_records_spread_over_the_batch():
     episodes = []
     for i in range(8):
@@ -164,6 +215,25 @@ def test_env_training_plots_tensorboard_and_progress_bar(tmp_path, say_tokenizer
 
     err = capsys.readouterr().err
     assert "success=" in err and "success_avg=" in err
+
+
+def test_training_console_shows_a_bar_and_a_summary_not_raw_dicts(tmp_path, say_tokenizer, capsys):
+    """A run with the progress bar: no raw metric dictionary on stdout or stderr, the bar shows loss, success, entropy
+    and alpha std, one summary line at the end; every metric still reaches log_history."""
+    trainer = make_trainer(tmp_path, say_tokenizer, disable_tqdm=False, aem_plots=False)
+    trainer.train()
+    out, err = capsys.readouterr()
+    for text in (out, err):
+        assert "{'loss'" not in text and "'env/success_rate'" not in text and "{'train_runtime'" not in text
+    assert all(f"{key}=" in err for key in ("loss", "success", "success_avg", "entropy", "alpha_std")), err
+    summaries = [line for line in out.splitlines() if line.startswith("[train] ")]
+    assert len(summaries) == 1 and summaries[0].startswith("[train] 2 steps in "), out
+    assert "success " in summaries[0] and "alpha std " in summaries[0]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        for key in AEM_KEYS + ENV_KEYS + ("loss", "reward", "entropy", "grad_norm", "completions/mean_length"):
+            assert key in entry, key
 
 
 def test_single_turn_training_plots_reward_not_success(tmp_path, make_model, tokenizer, color_dataset):

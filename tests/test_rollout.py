@@ -57,18 +57,19 @@ def bpe_tokenizer(chat_template: bool) -> PreTrainedTokenizerFast:
 
 def scripted_generate(tokenizer, answers):
     """A deterministic stand-in for the model: answers[k] is the text every context gets at turn k."""
-    calls = []
+    calls, seen = [], []
 
     def generate(contexts, max_new_tokens):
         turn = len(calls)
         calls.append((len(contexts), max_new_tokens))
+        seen.extend(list(c) for c in contexts)
         text = answers[min(turn, len(answers) - 1)]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         tokens = [ids[:max_new_tokens] for _ in contexts]
         entropies = [[0.5 + 0.1 * j for j in range(len(t))] for t in tokens]
         return tokens, entropies
 
-    generate.calls = calls
+    generate.calls, generate.contexts = calls, seen
     return generate
 
 

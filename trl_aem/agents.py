@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset
 from transformers import GenerationConfig
 
+from .callbacks import SuccessProgressCallback
 from .generation import make_hf_generate_fn
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, initial_messages, make_env_factory, row_seed
 
@@ -101,6 +102,8 @@ def warm_start(model, tokenizer, dataset: Dataset, *, max_steps: int = 100, lear
         **sft_kwargs,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    # Quiet console: no raw metric dictionary per log (log level `info` brings them back), no summary line.
+    trainer.add_callback(SuccessProgressCallback(trainer.callback_handler.callbacks, summary=False))
     trainer.train()
     return trainer.model
 
@@ -151,6 +154,22 @@ def _play_text_policy(env: Any, row: dict, policy: Callable[[str, Any], str], ma
     return {"seed": row_seed(row), "success": success and not truncated, "return": total, "turns": turns}
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The token ids that end a completion, built as TRL's ``GRPOTrainer`` builds its ``eos_token_ids`` (so
+    evaluation stops where training does): every id of the model's ``generation_config.eos_token_id`` (one id or a
+    list: Qwen2.5 declares two), preceded by the tokenizer's ``eos_token_id`` when the model does not declare it."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if declared is None:
+        ids = []
+    elif isinstance(declared, int):
+        ids = [declared]
+    else:
+        ids = list(declared)
+    if tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id, *ids]
+    return [int(i) for i in ids if i is not None]
+
+
 def evaluate(
     env: str | Callable[[], gymnasium.Env],
     policy: str | Callable[[str, Any], str] = "model",
@@ -175,9 +194,9 @@ def evaluate(
 
     Args:
         env: a gymnasium id (``"trl_aem/Household-v0"``) or a factory.
-        policy: ``"model"`` (needs ``model`` and ``tokenizer``; rollouts exactly as in training), ``"expert"``
-            (the env's ``expert_action()``), ``"random"`` (a random admissible action), or a callable
-            ``(observation, env) -> action``.
+        policy: ``"model"`` (needs ``model`` and ``tokenizer``; rollouts exactly as in training, with turns ending
+            at the same EOS ids, :func:`eos_token_ids`), ``"expert"`` (the env's ``expert_action()``), ``"random"``
+            (a random admissible action), or a callable ``(observation, env) -> action``.
         k: attempts per task; pass@k counts a task solved if any of its k attempts succeeds. Use ``greedy=False``
             for k > 1 (greedy attempts are identical).
         seed_offset: tasks are seeds ``seed_offset ... seed_offset + num_tasks - 1``.
@@ -206,12 +225,13 @@ def evaluate(
         renderer = ObservationRenderer(tokenizer, system_prompt)
         limits = RolloutLimits(max_turns, max_new_tokens_per_turn, max_completion_length)
         runner = EnvRunner(factory, renderer, limits)
+        stop_ids = eos_token_ids(model, tokenizer)  # the ids that end a turn in training, too
         config = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None,
                                   top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id)
+                                  eos_token_id=stop_ids)
         was_training = model.training
         model.eval()
-        generate = make_hf_generate_fn(model, tokenizer.pad_token_id, tokenizer.eos_token_id, config,
+        generate = make_hf_generate_fn(model, tokenizer.pad_token_id, stop_ids, config,
                                        temperature=temperature, record_entropy=False)
         try:
             for start in range(0, len(rows), batch_size):

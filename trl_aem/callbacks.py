@@ -4,12 +4,15 @@
   ``Trainer``'s ``state.log_history`` (pure: no trainer needed, so it also works on a saved ``trainer_state.json``).
 * :class:`AEMPlotCallback` calls it during and at the end of training (``<output_dir>/plots/``), on the main
   process only, and never lets a plotting failure stop training.
-* :class:`SuccessProgressCallback` shows the episode success rate (or the mean reward) on TRL's training progress bar.
+* :class:`SuccessProgressCallback` is the console display of training: a progress bar with loss, success (or reward),
+  entropy and alpha std, and a one-line :func:`training_summary` at the end, instead of transformers' raw metric
+  dictionaries (still printed with log level ``info``; every metric still reaches ``log_history`` and the trackers).
 * :func:`trajectory_records` turns played episodes into the rows of the trajectory table the trainer logs to wandb.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .rollout import row_seed
 
@@ -201,46 +205,197 @@ class AEMPlotCallback(TrainerCallback):
         self._plot(args, state)
 
 
-class SuccessProgressCallback(TrainerCallback):
-    """Puts the last logged episode success rate and its running mean over the run (``env/success_rate``), or the
-    last mean reward in single-turn runs, on the training progress bar of ``transformers``' ``ProgressCallback``.
+#: What the progress bar and the end-of-training summary show of a training log: (log key, label, format). Success
+#: (multi-turn environments) replaces reward; alpha std appears when AEM is on.
+CONSOLE_METRICS = (
+    ("loss", "loss", "{:.3g}"),
+    ("env/success_rate", "success", "{:.1%}"),
+    ("reward", "reward", "{:.3g}"),
+    ("entropy", "entropy", "{:.3g}"),
+    ("aem/alpha_std", "alpha std", "{:.3g}"),
+)
 
-    ``callbacks`` is the list of callbacks to search for the progress bar (the trainer's
-    ``callback_handler.callbacks``); the bar is looked up at every log, so it follows callbacks added later.
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def raw_logs_requested(args) -> bool:
+    """Whether this process should print every training log as a raw metric dictionary, as transformers does: when
+    its log level is ``info`` or ``debug`` (``log_level="info"`` / ``--log_level info`` in the training arguments, or
+    ``TRANSFORMERS_VERBOSITY=info`` with the default ``log_level="passive"``)."""
+    try:
+        return args.get_process_log_level() <= logging.INFO
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
+def _raw_log_line(logs: dict, max_str_len: int = 100) -> str:
+    """A log as transformers' ``ProgressCallback`` writes it: floats to 4 significant digits, long strings cut,
+    without ``total_flos``."""
+    shown = {}
+    for key, value in logs.items():
+        if key == "total_flos":
+            continue
+        if isinstance(value, str) and len(value) > max_str_len:
+            value = f"[String too long to display, length: {len(value)} > {max_str_len}.]"
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        shown[key] = value
+    return str(shown)
+
+
+def training_summary(log_history: Sequence[dict[str, Any]], label: str = "train") -> str | None:
+    """One line about a finished run from its ``log_history``: steps, run time, and the first -> last logged value
+    of loss, success (or reward), entropy and AEM's alpha std. ``None`` when nothing was logged.
+
+    Example: ``[train] 40 steps in 27s, 8 logs (first -> last): loss -0.00277 -> -0.0386, success 18.1% -> 60.0%,
+    entropy 2.59 -> 0.946, alpha std 0.252 -> 0.241``.
+    """
+    logs = [entry for entry in log_history if not any(str(key).startswith("eval_") for key in entry)]
+    if not logs:
+        return None
+    step = logs[-1].get("step")
+    head = f"[{label}] " + (f"{int(step)} step{'' if step == 1 else 's'}" if _finite(step) else "training")
+    end = next((entry for entry in reversed(logs) if "train_runtime" in entry), None)
+    if end is not None and _finite(end.get("train_runtime")):
+        head += f" in {end['train_runtime']:.0f}s"
+    with_success = any(_finite(entry.get("env/success_rate")) for entry in logs)
+    shown = [(key, name, fmt) for key, name, fmt in CONSOLE_METRICS if not (key == "reward" and with_success)]
+    parts = []
+    for key, name, fmt in shown:
+        values = [fmt.format(entry[key]) for entry in logs if _finite(entry.get(key))]
+        if values:
+            parts.append(f"{name} {values[0]}" + (f" -> {values[-1]}" if len(values) > 1 else ""))
+    if not any(_finite(entry.get("loss")) for entry in logs) and end is not None and _finite(end.get("train_loss")):
+        parts.insert(0, f"mean loss {end['train_loss']:.3g}")
+    count = sum(1 for entry in logs if any(_finite(entry.get(key)) for key, _, _ in shown))
+    if count > 1:
+        head += f", {count} logs (first -> last)"
+    return f"{head}: {', '.join(parts)}" if parts else head
+
+
+class SuccessProgressCallback(TrainerCallback):
+    """The console side of training: a progress bar with a few live numbers and a one-line summary at the end, in
+    place of the raw metric dictionaries ``transformers`` prints at every log.
+
+    ``callbacks`` is the trainer's callback list (``trainer.callback_handler.callbacks``). The callback takes over
+    from ``transformers``' ``ProgressCallback`` (a tqdm bar that also writes every log as a dictionary) and
+    ``PrinterCallback`` (which prints them when ``disable_tqdm=True``): it removes them from that list, draws the
+    same tqdm bar where ``ProgressCallback`` was (so never with ``disable_tqdm``), and shows on it the last logged
+    loss, episode success rate and its running mean over the run (``env/success_rate``; the mean reward in
+    single-turn runs), token entropy and, with AEM, the standard deviation of alpha. At the end of training it
+    prints :func:`training_summary` (with ``summary=True``). Other progress displays (the notebook one, your own)
+    are left in place; their bar gets the numbers when it has ``set_postfix``.
+
+    Nothing is taken from the logs: ``state.log_history``, ``trainer_state.json`` and the trackers of ``report_to``
+    receive every metric. To print the raw dictionaries too, set the log level to ``info``
+    (:func:`raw_logs_requested`). Everything is shown by the main process only.
+
+    Args:
+        callbacks: the trainer's callback list, searched (and edited) as above.
+        summary: print the one-line summary at the end of training.
+        label: the summary's tag, ``[train] ...``.
     """
 
-    def __init__(self, callbacks: list):
+    def __init__(self, callbacks: list, summary: bool = True, label: str = "train"):
         self.callbacks = callbacks
+        self.summary = summary
+        self.label = label
         self.success: list[float] = []
+        replaced = [callback for callback in callbacks if type(callback) in (ProgressCallback, PrinterCallback)]
+        if replaced:
+            callbacks[:] = [callback for callback in callbacks if all(callback is not r for r in replaced)]
+        #: Whether this callback is the trainer's console display (it replaced transformers' own).
+        self.owns_display = bool(replaced)
+        #: The tqdm bar's callback when this one replaced ``ProgressCallback`` (bar events go to it), else ``None``.
+        self.progress = ProgressCallback() if any(type(r) is ProgressCallback for r in replaced) else None
+
+    @property
+    def training_bar(self):
+        """The tqdm training bar this callback draws (``None`` outside training or without a bar)."""
+        return self.progress.training_bar if self.progress is not None else None
 
     def _bar(self):
+        if self.training_bar is not None:
+            return self.training_bar
         for callback in self.callbacks:
+            if callback is self:
+                continue
             bar = getattr(callback, "training_bar", None)
             if bar is not None and hasattr(bar, "set_postfix"):
                 return bar
         return None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Start a fresh running mean."""
+        """Open the bar; start a fresh running mean."""
         self.success = []
+        if self.progress is not None:
+            self.progress.on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Advance the bar."""
+        if self.progress is not None and self.progress.training_bar is not None:
+            self.progress.on_step_end(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """Advance the evaluation bar."""
+        if self.progress is not None:
+            self.progress.on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        """Close the evaluation bar."""
+        if self.progress is not None:
+            self.progress.on_evaluate(args, state, control, **kwargs)
+
+    def on_predict(self, args, state, control, **kwargs):
+        """Close the prediction bar."""
+        if self.progress is not None:
+            self.progress.on_predict(args, state, control, **kwargs)
+
+    def _postfix(self, logs: dict[str, Any]) -> dict[str, str]:
+        """The bar's numbers for one training log (updates the running mean of success); empty for other logs."""
+        postfix = {}
+        if _finite(logs.get("loss")):
+            postfix["loss"] = f"{logs['loss']:.3g}"
+        if _finite(logs.get("env/success_rate")):
+            self.success.append(float(logs["env/success_rate"]))
+            postfix["success"] = f"{logs['env/success_rate']:.1%}"
+            postfix["success_avg"] = f"{sum(self.success) / len(self.success):.1%}"
+        elif _finite(logs.get("reward")):
+            postfix["reward"] = f"{logs['reward']:.3g}"
+        if _finite(logs.get("entropy")):
+            postfix["entropy"] = f"{logs['entropy']:.3g}"
+        if _finite(logs.get("aem/alpha_std")):
+            postfix["alpha_std"] = f"{logs['aem/alpha_std']:.3g}"
+        return postfix
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """Update the progress bar's postfix from a training log."""
+        """Show a training log's numbers on the bar (and the raw dictionary when asked for)."""
         if not logs or not state.is_world_process_zero:
             return
-        postfix = {}
-        success = logs.get("env/success_rate")
-        if isinstance(success, (int, float)) and math.isfinite(success):
-            self.success.append(float(success))
-            postfix = {"success": f"{success:.1%}", "success_avg": f"{sum(self.success) / len(self.success):.1%}"}
-        elif isinstance(logs.get("reward"), (int, float)) and math.isfinite(logs["reward"]):
-            postfix = {"reward": f"{logs['reward']:.4g}"}
-        bar = self._bar() if postfix else None
-        if bar is not None:
+        bar = self._bar()
+        if self.owns_display and raw_logs_requested(args):
+            line = _raw_log_line(logs)
+            if bar is not None and hasattr(bar, "write"):
+                bar.write(line)
+            else:
+                print(line, flush=True)
+        postfix = self._postfix(logs)
+        if postfix and bar is not None:
             try:
                 bar.set_postfix(postfix)
             except Exception:  # noqa: BLE001 - a display nicety; never stop training for it
                 pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Close the bar and print the summary."""
+        if self.progress is not None and self.progress.training_bar is not None:
+            self.progress.on_train_end(args, state, control, **kwargs)
+        if self.summary and state.is_world_process_zero:
+            line = training_summary(state.log_history, self.label)
+            if line:
+                print(line, flush=True)
 
 
 #: Columns of the trajectory table (:func:`trajectory_records`).

@@ -192,8 +192,9 @@ def run_train(argv: Sequence[str], prog: str = "trl-aem train") -> int:
     Returns the exit code, 0 or that of a failed training process; ``--help`` (0) and usage errors (2: bad or
     unknown options or YAML keys, bad values) leave through ``SystemExit``.
     """
-    from .scripts import usage_error
+    from .scripts import quiet_known_noise, usage_error
 
+    quiet_known_noise()
     try:
         launch_args, script_args = split_launch_args(argv, prog)
     except (CommandError, ValueError) as exc:
@@ -228,8 +229,10 @@ def run_train(argv: Sequence[str], prog: str = "trl-aem train") -> int:
 # ------------------------------------------------------------------------------------------------------------ eval
 def run_eval(argv: Sequence[str], prog: str = "trl-aem eval") -> int:
     """``trl-aem eval``: evaluate and print the result (see :mod:`trl_aem.scripts.eval_agent`)."""
+    from .scripts import quiet_known_noise
     from .scripts.eval_agent import main as eval_main
 
+    quiet_known_noise()
     eval_main(list(argv), prog=prog)
     return 0
 

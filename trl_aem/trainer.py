@@ -80,9 +80,10 @@ class AEMGRPOTrainer(GRPOTrainer):
     spans), ``aem/gated_frac``, ``aem/response_entropy_mean``, ``aem/neg_adv_frac``, ``aem/nonfinite_entropy_spans``;
     with ``env=``, per-turn ``aem/turn{k}/*`` and ``env/*``.
 
-    Reporting: PNG plots in ``<output_dir>/plots/`` (``args.aem_plots``, :class:`~trl_aem.callbacks.AEMPlotCallback`),
-    the episode success rate on the progress bar, and with wandb a table of sample trajectories
-    (``args.env_log_trajectories``).
+    Reporting: PNG plots in ``<output_dir>/plots/`` (``args.aem_plots``, :class:`~trl_aem.callbacks.AEMPlotCallback`);
+    on the console a progress bar with loss, episode success (or reward), entropy and alpha std, and a one-line
+    summary at the end (:class:`~trl_aem.callbacks.SuccessProgressCallback`; ``log_level="info"`` also prints the
+    raw metric dictionaries); with wandb a table of sample trajectories (``args.env_log_trajectories``).
     """
 
     _tag_names = ["trl", "grpo", "aem", "trl-aem"]
@@ -163,8 +164,9 @@ class AEMGRPOTrainer(GRPOTrainer):
         self._env_last_rollout: tuple[str, list[dict], list] | None = None  # (mode, rows, episodes), for the table
         if self.args.aem_plots:
             self.add_callback(AEMPlotCallback(every=self.args.aem_plot_every))
-        if not self.args.disable_tqdm:
-            self.add_callback(SuccessProgressCallback(self.callback_handler.callbacks))
+        # The console: a progress bar with a few numbers (none with disable_tqdm) and a summary line at the end,
+        # instead of transformers' printing of every raw metric dictionary (those go to the logs and trackers).
+        self.add_callback(SuccessProgressCallback(self.callback_handler.callbacks))
         self.aem_entropy_source = self._resolve_entropy_source()
         self._aem_capture_old_pass = False
         self._aem_token_entropy: torch.Tensor | None = None

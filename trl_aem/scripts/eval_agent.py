@@ -35,7 +35,7 @@ from ..agents import DEFAULT_PROMPT, EvalResult, evaluate  # noqa: E402
 from ..config import parse_env_kwargs  # noqa: E402
 from ..envs import resolve_env_id  # noqa: E402
 from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
-from . import usage_error  # noqa: E402
+from . import quiet_known_noise, usage_error  # noqa: E402
 
 POLICIES = ("model", "expert", "random")
 
@@ -245,4 +245,5 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> EvalResul
 
 
 if __name__ == "__main__":
+    quiet_known_noise()
     main()

@@ -50,7 +50,7 @@ from ..agents import (  # noqa: E402
 from ..config import AEMGRPOConfig  # noqa: E402
 from ..envs import resolve_env_id  # noqa: E402
 from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
-from . import usage_error  # noqa: E402
+from . import quiet_known_noise, usage_error  # noqa: E402
 
 #: First seed of the expert trajectories used for the warm start (apart from training and evaluation seeds).
 WARM_START_SEED_OFFSET = 1_000_000
@@ -73,15 +73,37 @@ class AgentArguments:
     tiny_hidden_size: int = field(default=128, metadata={"help": "hidden size of the tiny model"})
     warm_start_steps: int = field(default=0, metadata={"help": "supervised steps on expert trajectories before RL"})
 
+    def __post_init__(self):
+        # Parsed before the training configuration, so a wrong id is the first error, before any model is loaded.
+        resolve_env_id(self.env_id)  # imports `module` of `module:id`; ValueError naming env_id if unknown
+
+
+def default_bf16() -> bool:
+    """Whether training should use bf16 when the user did not say: only with a CUDA device that supports bf16 natively
+    (TRL's ``GRPOConfig`` defaults to bf16, which fails on a machine without one)."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without `including_emulation`
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    """The argument parser of the training script: AgentArguments, AEMGRPOConfig and TRL's ModelConfig."""
-    return TrlParser(
+    """The argument parser of the training script: AgentArguments, AEMGRPOConfig and TRL's ModelConfig.
+
+    ``bf16``, when neither the recipe nor a flag sets it, follows the hardware (:func:`default_bf16`): off without a
+    CUDA device that supports bf16, else TRL's default (on, unless ``fp16``).
+    """
+    parser = TrlParser(
         (AgentArguments, AEMGRPOConfig, ModelConfig),
         prog=prog,
         description="Train an agent with AEM-GRPO on a gymnasium text environment. Every option below can also be "
                     "set in a YAML recipe passed with --config (flags override the recipe).",
     )
+    if not default_bf16():
+        parser.set_defaults(bf16=False)  # a recipe's `bf16:` and a --bf16 flag still override it
+    return parser
 
 
 def build_model_and_tokenizer(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: ModelConfig):
@@ -185,7 +207,8 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
                                       system_prompt=training_args.env_system_prompt,
                                       max_turns=training_args.env_max_turns)
         model = warm_start(model, tokenizer, sft_data, max_steps=agent_args.warm_start_steps,
-                           output_dir=os.path.join(training_args.output_dir, "warm_start"), seed=training_args.seed)
+                           output_dir=os.path.join(training_args.output_dir, "warm_start"), seed=training_args.seed,
+                           log_level=training_args.log_level)
         report("warm start", "before", sharded)
     else:
         report("start", "before", sharded)
@@ -294,6 +317,7 @@ def run_script(argv: list[str] | None = None) -> int:
     process, or relaunched through ``accelerate launch`` when the arguments or the YAML file hold its options.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_known_noise()
     if launched_by_accelerate():
         main(argv)
         return 0
