@@ -73,3 +73,43 @@ def test_two_processes_match_one(tmp_path):
     logs = torch.load(tmp_path / "train_logs.pt")
     assert len(logs) == 2
     assert all(math.isfinite(entry["loss"]) and "aem/alpha_std" in entry for entry in logs)
+
+
+@pytest.mark.slow
+def test_window_mode_groups_all_turns_of_a_task_across_two_processes(tmp_path):
+    """env_context="window": a group of 4 episodes (2 per process, different numbers of turns, so the processes hold
+    different numbers of rows); AEM's statistics run over every turn of the 4 episodes, as one process would compute
+    them; then 2 DDP steps with the loss in parts of one row."""
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(Path(__file__).parent / "scripts" / "multiprocess_window.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"window_rank{r}.pt") for r in range(2)]
+    spans_entropy, spans_rank, spans_row = [], [], []
+    for r, data in enumerate(ranks):
+        assert data["loss_mask"].size(0) == sum(data["turns"])  # one row per turn
+        table = span_mean_entropy(data["entropy"], data["loss_mask"])
+        spans_entropy.append(table.response_entropy)
+        spans_rank += [r] * table.row.numel()
+        spans_row.append(table.row)
+    entropy = torch.cat(spans_entropy)
+    alpha = aem_coefficients(entropy, torch.zeros(entropy.numel(), dtype=torch.long), min_range=0.0)
+    assert entropy.numel() == sum(sum(d["turns"]) for d in ranks) > 4  # every turn of the 4 episodes is a span
+    assert alpha.std() > 0
+    offset = 0
+    for r, data in enumerate(ranks):
+        mask = data["loss_mask"].bool()
+        for k, row in enumerate(spans_row[r].tolist()):
+            got = data["token_alpha"][row][mask[row]]
+            torch.testing.assert_close(got, alpha[offset + k].expand(got.numel()))
+        offset += spans_row[r].numel()
+        # every row carries its episode's advantage
+        for episode in range(2):
+            assert data["base_advantages"][data["row_episode"] == episode].unique().numel() == 1
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    logs = torch.load(tmp_path / "window_train_logs.pt")
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)

@@ -326,3 +326,17 @@ def test_window_configuration_errors(tmp_path):
                                (dict(env_context="window", env_reuse_kv_cache=True), "nothing to reuse")):
         with pytest.raises(ValueError, match=message):
             AEMGRPOConfig(**base_args(tmp_path, **overrides))
+
+
+def test_evaluate_plays_in_window_mode_and_checks_its_arguments(say_tokenizer):
+    from trl_aem import evaluate
+    from trl_aem.tiny import build_tiny_qwen2
+
+    model = build_tiny_qwen2(say_tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2)
+    result = evaluate(lambda: SayEnv(length=2), "model", model=model, tokenizer=say_tokenizer, num_tasks=3,
+                      max_turns=3, max_new_tokens_per_turn=4, context="window", history_turns=1,
+                      prompt_format="react")
+    assert result.num_tasks == 3 and 1 <= result.mean_turns <= 3
+    with pytest.raises(ValueError, match="env_context"):
+        evaluate(lambda: SayEnv(), "expert", num_tasks=1, context="sliding")

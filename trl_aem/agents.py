@@ -21,6 +21,7 @@ from datasets import Dataset
 from transformers import GenerationConfig
 
 from .callbacks import SuccessProgressCallback
+from .context import make_context_policy
 from .generation import make_hf_generate_fn
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, initial_messages, make_env_factory, row_seed
 
@@ -189,6 +190,10 @@ def evaluate(
     system_prompt: str | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    context: str = "full",
+    history_turns: int = 2,
+    prompt_format: str = "chat",
+    invalid_action_penalty: float = 0.1,
 ) -> EvalResult:
     """Play ``num_tasks`` tasks (seeds ``seed_offset ...``) ``k`` times each and report success, return, turns, pass@k.
 
@@ -210,7 +215,12 @@ def evaluate(
         system_prompt: optional system message, as in training.
         batch_size: episodes generated together per batch.
         progress: show a progress bar with the success rate so far.
+        context: what the model sees at each turn, as in training (``env_context``: ``"full"`` or ``"window"``).
+        history_turns: with ``context="window"``, earlier observation/action pairs per prompt (``env_history_turns``).
+        prompt_format: ``"chat"`` or ``"react"`` (``env_prompt_format``), as in training.
+        invalid_action_penalty: with ``"react"``, the reward of a malformed answer is minus this.
     """
+    policy_of_context = make_context_policy(context, history_turns, prompt_format)
     rows = [{"prompt": prompt, "seed": seed_offset + t} for t in range(num_tasks) for _ in range(k)]
     factory = make_env_factory(env, env_kwargs)
     bar = None
@@ -224,7 +234,8 @@ def evaluate(
             raise ValueError('policy="model" needs model= and tokenizer=')
         renderer = ObservationRenderer(tokenizer, system_prompt)
         limits = RolloutLimits(max_turns, max_new_tokens_per_turn, max_completion_length)
-        runner = EnvRunner(factory, renderer, limits)
+        runner = EnvRunner(factory, renderer, limits, context=policy_of_context,
+                           invalid_action_penalty=invalid_action_penalty)
         stop_ids = eos_token_ids(model, tokenizer)  # the ids that end a turn in training, too
         config = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None,
                                   top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,

@@ -388,7 +388,10 @@ class AEMGRPOTrainer(GRPOTrainer):
         ends = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         truncated = torch.tensor([not s.completion_ids or s.completion_ids[-1] not in ends for s in segments],
                                  device=device)
-        all_lengths, all_truncated = self.accelerator.gather(lengths), self.accelerator.gather(truncated)
+        local = torch.stack([lengths, truncated.float(), torch.ones_like(lengths)], dim=1).reshape(-1, 3)
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=0))
+        gathered = gathered[gathered[:, 2] > 0]  # the processes hold different numbers of rows
+        all_lengths, all_truncated = gathered[:, 0], gathered[:, 1] > 0
         metrics = self._metrics[mode]
         terminated = all_lengths[~all_truncated] if (~all_truncated).any() else torch.zeros(1, device=device)
         for name, value in (("completions/mean_length", all_lengths.mean()), ("completions/min_length", all_lengths.min()),

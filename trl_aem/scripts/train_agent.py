@@ -195,7 +195,10 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
                               temperature=training_args.temperature, max_turns=training_args.env_max_turns,
                               max_new_tokens_per_turn=training_args.env_max_new_tokens_per_turn,
                               max_completion_length=training_args.max_completion_length,
-                              prompt=agent_args.prompt, system_prompt=training_args.env_system_prompt)
+                              prompt=agent_args.prompt, system_prompt=training_args.env_system_prompt,
+                              context=training_args.env_context, history_turns=training_args.env_history_turns,
+                              prompt_format=training_args.env_prompt_format,
+                              invalid_action_penalty=training_args.env_invalid_action_penalty)
             results[key] = result
             print(f"[eval] {stage:<12} {result}", flush=True)
         if training_args.world_size > 1:
