@@ -340,3 +340,14 @@ def test_evaluate_plays_in_window_mode_and_checks_its_arguments(say_tokenizer):
     assert result.num_tasks == 3 and 1 <= result.mean_turns <= 3
     with pytest.raises(ValueError, match="env_context"):
         evaluate(lambda: SayEnv(), "expert", num_tasks=1, context="sliding")
+
+
+def test_repeated_malformed_answers_keep_one_reminder_over_the_environments_observation():
+    tokenizer = bpe_tokenizer(chat_template=True)
+    generate = scripted_generate(tokenizer, ["red<|im_end|>"])  # never a well-formed action
+    env_runner = runner(SayEnv, tokenizer, max_turns=4, context=WindowContext(1, PromptFormat("react")))
+    [episode] = env_runner.run([{"seed": seed_for(["red", "blue"])}], [PROMPT], generate)
+    assert episode.malformed_actions == 4 and episode.truncated and episode.rewards == [-0.1] * 4
+    assert episode.observations[1:] == [f"{MALFORMED_ACTION_NOTE}\nsay red"] * 3
+    widths = [len(s.prompt_ids) for s in episode.segments()]
+    assert widths[2] == widths[3]  # the window's prompt stops growing

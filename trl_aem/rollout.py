@@ -110,6 +110,7 @@ class Episode:
     task: str | None = None  # info["task"] from reset, if the environment states it
     admissible_actions: list[str] | None = None  # info["admissible_actions"] of the latest observation
     malformed_actions: int = 0  # react answers without a well-formed action tag
+    env_observation: str = ""  # the environment's latest observation (a malformed answer's reminder is not one)
 
     def segments(self) -> list[Segment]:
         """Every segment of the episode, in order (the current one last)."""
@@ -450,6 +451,7 @@ class EnvRunner:
                 self._fail(episode, i, env, "reset", exc)
                 continue
             episode.observations.append(observation)
+            episode.env_observation = observation
             episode.task = reset_info.get("task") if isinstance(reset_info.get("task"), str) else None
             episode.admissible_actions = _listed_actions(reset_info)
             episode.prompt_ids = self._first_prompt_ids(episode, prompt)
@@ -496,7 +498,7 @@ class EnvRunner:
                 episode, env = episodes[i], envs[i]
                 if i not in results:  # a malformed answer: the environment is not stepped
                     episode.malformed_actions += 1
-                    result = (f"{MALFORMED_ACTION_NOTE}\n{episode.observations[-1]}", -self.invalid_action_penalty,
+                    result = (f"{MALFORMED_ACTION_NOTE}\n{episode.env_observation}", -self.invalid_action_penalty,
                               False, False, {"invalid_action": True})
                     exc = None
                 else:
@@ -509,6 +511,8 @@ class EnvRunner:
                 if exc is not None:
                     self._fail(episode, i, env, "step", exc)
                     continue
+                if i in results:
+                    episode.env_observation = observation
                 episode.rewards.append(reward)
                 episode.invalid_actions += int(bool(info.get("invalid_action", False)))
                 if info.get("success", False):
