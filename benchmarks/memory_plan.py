@@ -24,6 +24,11 @@ Phases traced
   ``bf16: true`` runs on a GPU.
 * optimizer state: Adam's two fp32 states per LoRA parameter (``torch.optim.AdamW``), counted, not traced.
 
+With ``env_context: window`` (the step-wise setting) the sequence is one turn's: ``env_max_prompt_length`` prompt
+tokens (required in a window recipe) plus ``max_completion_length`` (the turn's budget); the generation phase is the
+same prefill of a chunk of such prompts, and the training phase traces ``env_rows_per_forward`` rows (the loss runs
+its parts of that many rows, each with its backward pass, so two parts trace like two micro-steps).
+
 What it is and is not
 ---------------------
 It is the tensor memory PyTorch would allocate (what ``torch.cuda.max_memory_allocated`` reports), derived from the
@@ -304,6 +309,8 @@ class Plan:
     reuse_kv_cache: bool = False  # env_reuse_kv_cache: NOT traced; reported as the whole batch's KV cache size
     prompt_length: int = 512
     completion_length: int = 4096
+    context: str = "full"  # env_context; "window": one row per turn, prompt_length = env_max_prompt_length
+    training_rows: int | None = None  # rows per forward pass of the loss (window: env_rows_per_forward); None = batch
     settings: dict = dataclasses.field(default_factory=dict)
     source: str = "command line"
 
@@ -323,7 +330,18 @@ def plan_from_recipe(path: str, prompt_length: int) -> Plan:
     steps_per_generation = recipe.get("steps_per_generation") or accumulation
     generation_batch = int(recipe.get("generation_batch_size") or batch * steps_per_generation)
     chunk = recipe.get("env_generation_chunk_size")
-    return Plan(model=model, lora_r=int(recipe.get("lora_r", 64)), lora_alpha=int(recipe.get("lora_alpha", 128)),
+    context = recipe.get("env_context", "full")
+    training_rows = None
+    if context == "window":
+        # every turn is a fresh prompt of at most env_max_prompt_length tokens and one row of the loss; a micro-batch
+        # holds per_device_train_batch_size episodes x their turns, env_rows_per_forward of them per forward pass
+        if not recipe.get("env_max_prompt_length"):
+            raise SystemExit(f"{path}: a window recipe needs env_max_prompt_length (the prompt length to trace)")
+        prompt_length = int(recipe["env_max_prompt_length"])
+        turns = int(recipe.get("env_max_turns", defaults["env_max_turns"]))
+        rows = recipe.get("env_rows_per_forward")
+        training_rows = min(int(rows), batch * turns) if rows else batch * turns
+    return Plan(model=model, context=context, training_rows=training_rows, lora_r=int(recipe.get("lora_r", 64)), lora_alpha=int(recipe.get("lora_alpha", 128)),
                 lora_dropout=float(recipe.get("lora_dropout", 0.05)),
                 lora_target_modules=tuple(recipe.get("lora_target_modules") or LORA_MODULES), batch_size=batch,
                 generation_batch_size=generation_batch, prompt_length=prompt_length,
@@ -359,11 +377,12 @@ def run_plan(plan: Plan, fake: bool = True, chunk_sizes=(), batch_sizes=()) -> d
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         generate_batch = min(plan.generation_batch_size, plan.generation_chunk_size or plan.generation_batch_size)
         generation = trace_generation(model, generate_batch, sequence, mode)
-        training = trace_training(model, trainer, plan.batch_size, plan.prompt_length, plan.completion_length, mode)
+        training_rows = plan.training_rows or plan.batch_size
+        training = trace_training(model, trainer, training_rows, plan.prompt_length, plan.completion_length, mode)
         sweep = {
             "generation_chunk_size": {c: trace_generation(model, c, sequence, mode)["peak_bytes"] + adam_bytes
                                       for c in chunk_sizes},
-            "per_device_train_batch_size": {
+            ("env_rows_per_forward" if plan.context == "window" else "per_device_train_batch_size"): {
                 b: trace_training(model, trainer, b, plan.prompt_length, plan.completion_length, mode)["peak_bytes"]
                 + adam_bytes for b in batch_sizes},
         }
@@ -375,6 +394,7 @@ def run_plan(plan: Plan, fake: bool = True, chunk_sizes=(), batch_sizes=()) -> d
     return {
         "model": arch["name"], "layers": layers, "vocab_size": len(tokenizer), "fake": fake, "source": plan.source,
         "batch_size": plan.batch_size, "generation_batch_size": plan.generation_batch_size,
+        "context": plan.context, "training_rows": training_rows,
         "generation_chunk_size": plan.generation_chunk_size, "generate_call_batch": generate_batch,
         "prompt_length": plan.prompt_length, "completion_length": plan.completion_length, "sequence_length": sequence,
         "lora_r": plan.lora_r, "lora_params": lora_params, "weight_bytes": weight_bytes, "adam_bytes": adam_bytes,
@@ -397,8 +417,8 @@ def report(result: dict) -> str:
          g["kv_cache_bytes"]),
         ("generation: peak (prefill + 1 decoding step)", g["peak_bytes"]),
         ("training: LoRA gradients", t["lora_grad_bytes"]),
-        (f"training: peak ({result['batch_size']} rows x {result['sequence_length']} tokens, 2 micro-steps)",
-         t["peak_bytes"]),
+        (f"training: peak ({result.get('training_rows') or result['batch_size']} rows x {result['sequence_length']} "
+         f"tokens, 2 {'loss parts' if result.get('context') == 'window' else 'micro-steps'})", t["peak_bytes"]),
         ("PEAK (+ Adam states), phase: " + result["peak_phase"], result["peak_bytes"]),
     ]
     width = max(len(k) for k, _ in rows)
@@ -407,6 +427,10 @@ def report(result: dict) -> str:
              f"from {result['source']}; traced in {result['trace_seconds']:.0f} s",
              f"{'tensor memory':<{width}}  GiB", "-" * (width + 10)]
     lines += [f"{k:<{width}}  {v / GIB:8.2f}" for k, v in rows]
+    if result.get("context") == "window":
+        lines.append(f"env_context=window: one row per turn; prompts of at most {result['prompt_length']} tokens "
+                     f"(env_max_prompt_length), {result['completion_length']} per turn; the loss runs "
+                     f"{result['training_rows']} rows per forward pass (env_rows_per_forward).")
     if result["reuse_kv_cache"]:
         lines.append(f"NOTE: env_reuse_kv_cache is on, which this trace does NOT model: the KV caches of all "
                      f"unfinished episodes stay between turns, up to {result['whole_batch_kv_cache_bytes'] / GIB:.2f} GiB "

@@ -57,7 +57,9 @@ def test_fake_trace_equals_the_real_one_on_a_scaled_down_qwen2(plan):
 def test_recipes_are_read_into_a_plan(plan, recipe):
     read = plan.plan_from_recipe(str(RECIPES / recipe), prompt_length=512)
     assert read.model == ("7b" if "7b" in recipe else "1.5b")
-    assert read.generation_batch_size == 128 and read.completion_length == 4096 and read.lora_r == 64
+    assert read.generation_batch_size == 128 and read.completion_length == 512 and read.lora_r == 64
+    assert read.context == "window" and read.prompt_length == 2048  # env_max_prompt_length, not the argument
+    assert read.training_rows == read.settings["env_rows_per_forward"]
     assert read.generation_chunk_size is not None and 128 % read.generation_chunk_size == 0
     # The header quotes the peak of the recorded trace of this model's recipe (Household and Shop have equal sizes).
     size = "7b" if "7b" in recipe else "1.5b"
@@ -65,6 +67,7 @@ def test_recipes_are_read_into_a_plan(plan, recipe):
                           .read_text())
     assert recorded["generation_chunk_size"] == read.generation_chunk_size
     assert recorded["batch_size"] == read.batch_size and recorded["fake"] and recorded["layers"] == 28
+    assert recorded["training_rows"] == read.training_rows and recorded["sequence_length"] == 2048 + 512
     text = (RECIPES / recipe).read_text()
     assert f"GPU memory: {recorded['peak_bytes'] / 2**30:.1f} GiB" in text
     assert "TRACED, NOT MEASURED ON A GPU" in text and "benchmarks/memory_plan.py" in text
@@ -74,6 +77,9 @@ def test_an_unknown_model_in_a_recipe_is_refused(plan, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model_name_or_path: meta-llama/Llama-3-8B\n")
     with pytest.raises(SystemExit, match="not a Qwen2.5 1.5B/7B"):
+        plan.plan_from_recipe(str(recipe), 512)
+    recipe.write_text("model_name_or_path: Qwen/Qwen2.5-1.5B-Instruct\nenv_context: window\n")
+    with pytest.raises(SystemExit, match="env_max_prompt_length"):
         plan.plan_from_recipe(str(recipe), 512)
 
 

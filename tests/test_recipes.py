@@ -32,6 +32,11 @@ def test_qwen_recipes_parse_to_the_paper_settings(recipe, tmp_path):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert model.model_name_or_path.startswith("Qwen/Qwen2.5-") and model.dtype == "bfloat16"
     assert agent.env_id in ("trl_aem/Household-v0", "trl_aem/Shop-v0")
+    # the paper's step-wise setting: a fresh prompt per turn with 2 earlier pairs, react format, up to 50 turns
+    assert config.env_context == "window" and config.env_history_turns == 2 and config.env_prompt_format == "react"
+    assert config.env_invalid_action_penalty == 0.1 and config.env_max_turns == (50 if "household" in recipe else 15)
+    assert config.max_completion_length == config.env_max_new_tokens_per_turn
+    assert config.env_max_prompt_length and config.env_rows_per_forward
     assert "GPU memory" in (RECIPES / recipe).read_text()
 
 

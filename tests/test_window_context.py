@@ -351,3 +351,48 @@ def test_repeated_malformed_answers_keep_one_reminder_over_the_environments_obse
     assert episode.observations[1:] == [f"{MALFORMED_ACTION_NOTE}\nsay red"] * 3
     widths = [len(s.prompt_ids) for s in episode.segments()]
     assert widths[2] == widths[3]  # the window's prompt stops growing
+
+
+def test_a_prompt_over_its_budget_ends_the_episode_as_truncated():
+    tokenizer = bpe_tokenizer(chat_template=True)
+    generate = scripted_generate(tokenizer, ["red<|im_end|>", "blue<|im_end|>", "green<|im_end|>"])
+    first = runner(lambda: SayEnv(length=3), tokenizer, context=WindowContext(history_turns=5))
+    [played] = first.run([{"seed": seed_for(["red", "blue", "green"])}], [PROMPT], generate)
+    widths = [len(s.prompt_ids) for s in played.segments()]
+    assert played.success and widths[0] < widths[1] < widths[2]
+    from trl_aem.rollout import EnvRunner, ObservationRenderer, RolloutLimits
+
+    limited = EnvRunner(lambda: SayEnv(length=3), ObservationRenderer(tokenizer),
+                        RolloutLimits(5, 8, 256, max_prompt_length=widths[1]), context=WindowContext(history_turns=5))
+    generate = scripted_generate(tokenizer, ["red<|im_end|>", "blue<|im_end|>", "green<|im_end|>"])
+    [episode] = limited.run([{"seed": seed_for(["red", "blue", "green"])}], [PROMPT], generate)
+    assert episode.num_turns == 2 and episode.truncated and not episode.success
+    assert all(len(s.prompt_ids) <= widths[1] for s in episode.segments())
+    with pytest.raises(ValueError, match="env_max_prompt_length"):
+        AEMGRPOConfig(**base_args("/tmp/unused", env_max_prompt_length=0))
+
+
+def test_window_mode_with_lora_and_a_kl_term_scores_the_reference_on_segment_rows(tmp_path, say_tokenizer):
+    """LoRA, beta > 0 (the reference is the base model with the adapter disabled) and an entropy source from the
+    old-logps pass: the reference log-probabilities are per segment row and equal the policy's before any update."""
+    from peft import LoraConfig
+
+    from trl_aem.tiny import build_tiny_qwen2
+
+    model = build_tiny_qwen2(say_tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2)
+    args = AEMGRPOConfig(**base_args(tmp_path, max_completion_length=16, env_max_turns=3, env_max_new_tokens_per_turn=4,
+                                     env_context="window", beta=0.1, steps_per_generation=2, max_steps=2,
+                                     aem_min_entropy_range=0.0))
+    trainer = _Probe(model=model, args=args, train_dataset=env_dataset(), processing_class=say_tokenizer, env=SayEnv,
+                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    _Probe.scored, _Probe.micro_batches, _Probe.ratios = None, [], []
+    assert trainer.aem_entropy_source == "old_logps"
+    trainer.train()
+    scored = _Probe.scored
+    mask = (scored["completion_mask"] * scored["tool_mask"]).bool()
+    assert scored["ref_per_token_logps"].shape == scored["old_per_token_logps"].shape == mask.shape
+    # a fresh LoRA adapter starts at zero: the reference (adapter disabled) equals the old policy on every token
+    torch.testing.assert_close(scored["ref_per_token_logps"][mask], scored["old_per_token_logps"][mask])
+    assert all("kl" in e for e in trainer.state.log_history if "loss" in e)

@@ -106,6 +106,10 @@ class AEMGRPOConfig(GRPOConfig):
             environment is not stepped, the turn gets reward `-env_invalid_action_penalty`.
         env_invalid_action_penalty (`float`, *optional*, defaults to `0.1`):
             The reward of a malformed answer with `env_prompt_format="react"` is minus this (paper: 0.1).
+        env_max_prompt_length (`int`, *optional*):
+            Most tokens in a segment's prompt (with `env_context="window"`, every turn's rebuilt prompt); a turn whose
+            prompt would be longer ends the episode as truncated (a failure). Bounds the window's memory, and is the
+            prompt length `benchmarks/memory_plan.py` traces for a window recipe. `None`: no limit.
         env_rows_per_forward (`int`, *optional*):
             With `env_context="window"`, most segment rows in one forward pass (the scoring passes, and the loss,
             which then runs its backward pass in parts of this many rows). A rollout of N episodes gives up to
@@ -177,6 +181,9 @@ class AEMGRPOConfig(GRPOConfig):
     env_invalid_action_penalty: float = field(
         default=0.1, metadata={"help": "With env_prompt_format=react: reward -penalty for a malformed answer."}
     )
+    env_max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Most tokens in a segment's prompt (longer ends the episode; None = no limit)."}
+    )
     env_rows_per_forward: int | None = field(
         default=None, metadata={"help": "With env_context=window: most segment rows per forward pass (None = all)."}
     )
@@ -234,6 +241,10 @@ class AEMGRPOConfig(GRPOConfig):
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"env_history_turns must be an integer >= 0, got {history!r}")
         _check_number("env_invalid_action_penalty", self.env_invalid_action_penalty)
+        for name in ("env_max_prompt_length",):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, or None for no limit, got {value!r}")
         rows = self.env_rows_per_forward
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"env_rows_per_forward must be an integer >= 1, or None for no bound, got {rows!r}")

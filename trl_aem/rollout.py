@@ -58,17 +58,26 @@ class EnvironmentTimeout(TimeoutError):
 
 @dataclass
 class RolloutLimits:
-    """Limits of one episode: turns, generated tokens per turn, tokens in the whole trajectory."""
+    """Limits of one episode: turns, generated tokens per turn, tokens in a segment's completion (with the full
+    context: the whole trajectory) and, optionally, in a segment's prompt (a longer prompt ends the episode as
+    truncated; the windowed context's memory bound)."""
 
     max_turns: int = 10
     max_new_tokens_per_turn: int = 64
     max_completion_length: int = 1024
+    max_prompt_length: int | None = None
 
     def __post_init__(self):
-        for name in ("max_turns", "max_new_tokens_per_turn", "max_completion_length"):
+        for name in ("max_turns", "max_new_tokens_per_turn", "max_completion_length", "max_prompt_length"):
             value = getattr(self, name)
+            if value is None and name == "max_prompt_length":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def prompt_fits(self, prompt_ids) -> bool:
+        """Whether a segment's prompt is within ``max_prompt_length``."""
+        return self.max_prompt_length is None or len(prompt_ids) <= self.max_prompt_length
 
 
 @dataclass
@@ -455,6 +464,8 @@ class EnvRunner:
             episode.task = reset_info.get("task") if isinstance(reset_info.get("task"), str) else None
             episode.admissible_actions = _listed_actions(reset_info)
             episode.prompt_ids = self._first_prompt_ids(episode, prompt)
+            if not limits.prompt_fits(episode.prompt_ids):
+                episode.truncated, episode.done = True, True  # the task does not fit the prompt budget: a failure
 
         while True:
             active = [i for i, e in enumerate(episodes) if not e.done]
@@ -530,8 +541,12 @@ class EnvRunner:
                     if episode.num_turns >= limits.max_turns:
                         episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
                         continue
+                    prompt_ids = self.renderer.messages_ids(self.context.messages(history))
+                    if not limits.prompt_fits(prompt_ids):
+                        episode.truncated, episode.done = True, True  # the rebuilt prompt is over its budget
+                        continue
                     episode.observations.append(observation)
-                    episode.start_segment(self.renderer.messages_ids(self.context.messages(history)))
+                    episode.start_segment(prompt_ids)
                     continue
                 observation_ids = self.renderer.observation_ids(self.context.observation_text(history), actions[i][1])
                 remaining = limits.max_completion_length - len(episode.completion_ids)

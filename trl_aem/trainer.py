@@ -145,7 +145,7 @@ class AEMGRPOTrainer(GRPOTrainer):
                 make_env_factory(env, self.args.env_kwargs),
                 ObservationRenderer(self._tokenizer, self.args.env_system_prompt, self.chat_template_kwargs),
                 RolloutLimits(self.args.env_max_turns, self.args.env_max_new_tokens_per_turn,
-                              self.args.max_completion_length),
+                              self.args.max_completion_length, self.args.env_max_prompt_length),
                 num_workers=self.args.env_num_workers,
                 timeout=self.args.env_timeout,
                 raise_on_error=self.args.env_raise_on_error,
