@@ -74,3 +74,27 @@ def write_json(path: str, data) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, default=str)
     print(f"written to {path}")
+
+
+def add_size_options(parser, defaults: dict, quick: dict) -> None:
+    """``--quick``, one integer option per size in ``defaults`` (``--hidden-size`` ...), ``--threads`` and ``--json``."""
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    for key, value in defaults.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=int, help=f"default {value} (quick {quick[key]})")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--json", metavar="PATH", help="write the results to this JSON file")
+
+
+def resolve_sizes(parser, opts, defaults: dict, quick: dict, minimum: dict | None = None) -> None:
+    """Fill the sizes left unset from ``quick`` or ``defaults``, check each against its minimum (1 unless given in
+    ``minimum``), and apply ``--threads``."""
+    import torch
+
+    for key, value in (quick if opts.quick else defaults).items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+        least = (minimum or {}).get(key, 1)
+        if getattr(opts, key) < least:
+            parser.error(f"--{key.replace('_', '-')} must be >= {least}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)

@@ -23,8 +23,6 @@ Measured, for each (turns, mode), in one process and one run:
 
 from __future__ import annotations
 
-import _offline  # noqa: F401  (the offline environment, before transformers is imported)
-
 import argparse  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -33,17 +31,24 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import _offline  # noqa: F401  (the offline environment, before transformers is imported)
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from _common import (  # noqa: E402
+    add_size_options,
+    cpu_model,
+    padded_word_tokenizer,
+    resolve_sizes,
+    special_token_ids,
+    write_json,
+)
 from datasets import Dataset  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from kv_reuse import build  # noqa: E402
+from memory import TASK_WORDS, ToolLogEnv  # noqa: E402
+from memory_plan import tracked  # noqa: E402
 
 import trl_aem  # noqa: E402
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
-
-from _common import cpu_model, padded_word_tokenizer, special_token_ids, write_json  # noqa: E402
-from memory import TASK_WORDS, ToolLogEnv  # noqa: E402
-from memory_plan import tracked  # noqa: E402
 
 DEFAULTS = dict(hidden_size=128, layers=2, heads=2, kv_heads=1, vocab_size=2048, episodes=4, num_generations=4,
                 tokens_per_turn=8, obs_tokens=40, history=2, rows_per_forward=16, repeats=1)
@@ -69,19 +74,9 @@ class Counting:
                 self.rollout += ids.numel()
 
 
-def build_model(opts, tokenizer):
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=opts.hidden_size,
-                         intermediate_size=opts.hidden_size * 11 // 4, num_hidden_layers=opts.layers,
-                         num_attention_heads=opts.heads, num_key_value_heads=opts.kv_heads,
-                         max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config)
-
-
 def one_step(opts, tokenizer, turns: int, mode: str, trace: bool = False) -> dict:
     """One training step in ``mode``; returns its tokens, seconds and (with ``trace``) peak tensor bytes."""
-    model = build_model(opts, tokenizer)
+    _, model = build(opts)  # the same seeded Qwen2 for every setting (kv_reuse.py's)
     words = max(1, len(tokenizer) - 64)
     # full: the whole trajectory is one completion; window: one turn per row
     full_length = turns * (opts.tokens_per_turn + opts.obs_tokens + 16)
@@ -142,22 +137,12 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model, few turns (a smoke run)")
-    for key, value in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=int, help=f"default {value} (quick {QUICK[key]})")
+    add_size_options(parser, DEFAULTS, QUICK)
     parser.add_argument("--turns", type=int, nargs="+", help=f"default {TURNS} (quick {QUICK_TURNS})")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
-    parser.add_argument("--json", metavar="PATH", help="write the results to this JSON file")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of memory, tokens and time against turns")
     opts = parser.parse_args(argv)
-    for key, value in (QUICK if opts.quick else DEFAULTS).items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
-        if getattr(opts, key) < (0 if key == "history" else 1):
-            parser.error(f"--{key.replace('_', '-')} is out of range")
+    resolve_sizes(parser, opts, DEFAULTS, QUICK, minimum={"history": 0})
     opts.turns = opts.turns or list(QUICK_TURNS if opts.quick else TURNS)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     transformers.logging.set_verbosity_error()
     tokenizer = padded_word_tokenizer(TASK_WORDS, opts.vocab_size)
     print(f"Qwen2 hidden {opts.hidden_size}, {opts.layers} layers, vocab {len(tokenizer)}; {opts.episodes} episodes "

@@ -39,7 +39,9 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa
 from trl_aem import EnvRunner, ObservationRenderer, RolloutLimits  # noqa: E402
 from trl_aem.generation import make_hf_generate_fn  # noqa: E402
 
-from _common import cpu_model, padded_word_tokenizer, special_token_ids, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    add_size_options, cpu_model, padded_word_tokenizer, resolve_sizes, special_token_ids, write_json,
+)
 from memory import TASK_WORDS, ToolLogEnv  # noqa: E402
 from memory_plan import tracked  # noqa: E402
 
@@ -93,19 +95,9 @@ def rollout(opts, tokenizer, model, reuse: bool, sample: bool, seed: int = 0):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model and rollout (a smoke run)")
-    for key, value in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=int, help=f"default {value} (quick {QUICK[key]})")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
-    parser.add_argument("--json", metavar="PATH", help="write the results to this JSON file")
+    add_size_options(parser, DEFAULTS, QUICK)
     opts = parser.parse_args(argv)
-    for key, value in (QUICK if opts.quick else DEFAULTS).items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
-        if getattr(opts, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    resolve_sizes(parser, opts, DEFAULTS, QUICK)
     transformers.logging.set_verbosity_error()
     tokenizer, model = build(opts)
     print(f"Qwen2 hidden {opts.hidden_size}, {opts.layers} layers, vocab {len(tokenizer)}; {opts.episodes} episodes x "

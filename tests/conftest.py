@@ -87,3 +87,9 @@ def base_args(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+@pytest.fixture(scope="session")
+def say_tokenizer():
+    """Word-level tokenizer for the multi-turn test environment of tests/test_rollout.py (``SayEnv``)."""
+    return build_word_tokenizer(["red", "blue", "green", "say", "wrong", "done"])

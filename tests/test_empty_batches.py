@@ -7,11 +7,17 @@ import torch
 from conftest import base_args, red_reward
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_env_trainer import make_trainer, say_tokenizer  # noqa: F401 (fixture)
+from test_env_trainer import make_trainer
 from test_rollout import SayEnv
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, aem_modulation, broadcast_span_values, span_mean_entropy
+from trl_aem import (
+    AEMGRPOConfig,
+    AEMGRPOTrainer,
+    aem_modulation,
+    broadcast_span_values,
+    span_mean_entropy,
+)
 
 # ---------------------------------------------------------------- the pure functions, on random masks
 

@@ -6,15 +6,10 @@ import pytest
 import torch
 from conftest import base_args
 from datasets import Dataset
-from test_rollout import WORDS, RaisingEnv, SayEnv
+from test_rollout import RaisingEnv, SayEnv
 
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, aem_coefficients, span_mean_entropy
-from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def say_tokenizer():
-    return build_word_tokenizer(WORDS + ["say", "wrong", "done"])
+from trl_aem.tiny import build_tiny_qwen2
 
 
 def env_dataset(n=16):

@@ -1,43 +1,44 @@
 """How AEM's signal reaches the loss (issue 11): GSPO's token form for multi-span rows, failed episodes kept out of
 every baseline, entropies recorded under chunked prefill, comparable clip metrics, the shuffle generator."""
 
+import math
 import warnings
 
 import pytest
 import torch
 from conftest import base_args, red_reward
 from datasets import Dataset
-from test_env_trainer import env_dataset, make_trainer, say_tokenizer  # noqa: F401 (fixture)
+from test_env_trainer import env_dataset, make_trainer
 from test_rollout import SayEnv
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer
-from trl_aem.aem import row_constant_values, sequence_token_old_logps, token_entropy_from_logits
+from trl_aem.aem import (
+    row_constant_values,
+    sequence_token_old_logps,
+    token_entropy_from_logits,
+)
 from trl_aem.generation import GenerationEntropyRecorder, make_hf_generate_fn
 
 
-class _GradProbe(AEMGRPOTrainer):
-    """Keeps the loss pass's per-token log-probabilities, so a test can read d loss / d logp_t."""
+def grad_probe(base):
+    """A subclass of ``base`` keeping the loss pass's per-token log-probabilities (``probe_logps``), so a test can
+    read d loss / d logp_t."""
 
-    probe_logps = None
+    class Probe(base):
+        probe_logps = None
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if logps.requires_grad:
-            logps.retain_grad()
-            type(self).probe_logps = logps
-        return logps, entropies, aux
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if logps.requires_grad:
+                logps.retain_grad()
+                type(self).probe_logps = logps
+            return logps, entropies, aux
+
+    return Probe
 
 
-class _GRPOGradProbe(GRPOTrainer):
-    probe_logps = None
-
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if logps.requires_grad:
-            logps.retain_grad()
-            type(self).probe_logps = logps
-        return logps, entropies, aux
+_GradProbe, _GRPOGradProbe = grad_probe(AEMGRPOTrainer), grad_probe(GRPOTrainer)
 
 
 def loss_trainer(cls, config_cls, tmp_path, make_model, tokenizer, color_dataset, **overrides):
@@ -325,7 +326,7 @@ def test_hf_generate_fn_returns_nan_entropies_when_the_recording_cannot_be_match
     generate = make_hf_generate_fn(model, tokenizer.pad_token_id, tokenizer.eos_token_id, config)
     tokens, entropies = generate([tokenizer("say red", add_special_tokens=False)["input_ids"]], 3)
     assert len(entropies[0]) == len(tokens[0]) > 0
-    assert all(value != value for value in entropies[0])  # NaN: the trainer falls back to a forward pass
+    assert all(math.isnan(value) for value in entropies[0])  # NaN: the trainer falls back to a forward pass
     assert "could not match the recorded entropies" in caplog.text
 
 

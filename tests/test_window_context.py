@@ -4,11 +4,24 @@ rule, no-drop splits, scoring on the sampled contexts, and AEM's groups over eve
 import pytest
 import torch
 from conftest import base_args
-from test_env_trainer import env_dataset, make_trainer, say_tokenizer  # noqa: F401 (fixture)
-from test_rollout import PROMPT, SayEnv, bpe_tokenizer, runner, scripted_generate, seed_for
+from test_env_trainer import env_dataset, make_trainer
+from test_rollout import (
+    PROMPT,
+    SayEnv,
+    bpe_tokenizer,
+    runner,
+    scripted_generate,
+    seed_for,
+)
 
 from trl_aem import AEMGRPOConfig, AEMGRPOTrainer
-from trl_aem.context import MALFORMED_ACTION_NOTE, FullContext, PromptFormat, TurnHistory, WindowContext
+from trl_aem.context import (
+    MALFORMED_ACTION_NOTE,
+    FullContext,
+    PromptFormat,
+    TurnHistory,
+    WindowContext,
+)
 from trl_aem.segments import pad_segments, row_parts, split_rows, take_rows
 
 

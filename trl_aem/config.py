@@ -241,13 +241,10 @@ class AEMGRPOConfig(GRPOConfig):
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"env_history_turns must be an integer >= 0, got {history!r}")
         _check_number("env_invalid_action_penalty", self.env_invalid_action_penalty)
-        for name in ("env_max_prompt_length",):
+        for name in ("env_max_prompt_length", "env_rows_per_forward"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, or None for no limit, got {value!r}")
-        rows = self.env_rows_per_forward
-        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-            raise ValueError(f"env_rows_per_forward must be an integer >= 1, or None for no bound, got {rows!r}")
         if self.env_context == "window":
             if self.env_reuse_kv_cache:
                 raise ValueError("env_reuse_kv_cache=True has nothing to reuse with env_context='window' (every turn is a "

@@ -35,6 +35,7 @@ __all__ = [
     "PromptFormat",
     "TurnHistory",
     "WindowContext",
+    "first_user_message",
     "make_context_policy",
 ]
 
@@ -140,8 +141,9 @@ class ContextPolicy:
         return self.prompt_format.turn_text(history)
 
 
-def _first_user_message(prompt: Any, text: str) -> list[dict]:
-    """The dataset prompt's messages with ``text`` appended (on a new line) to the last user message."""
+def first_user_message(prompt: Any, text: str) -> list[dict]:
+    """The dataset prompt (messages or a string) as messages, with ``text`` appended (on a new line) to the last user
+    message (one is added if the prompt does not end with one)."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     else:
@@ -165,7 +167,7 @@ class FullContext(ContextPolicy):
 
     def messages(self, history: TurnHistory) -> list[dict]:
         """The first prompt: the dataset prompt with the first turn's text appended."""
-        return _first_user_message(history.prompt, self.prompt_format.turn_text(history))
+        return first_user_message(history.prompt, self.prompt_format.turn_text(history))
 
 
 class WindowContext(ContextPolicy):
@@ -198,13 +200,13 @@ class WindowContext(ContextPolicy):
         """The rebuilt prompt of the turn about to be played."""
         shown = self.shown_turns(history)
         if self.prompt_format.name == "react":
-            return _first_user_message(history.prompt, self.prompt_format.turn_text(history, shown))
+            return first_user_message(history.prompt, self.prompt_format.turn_text(history, shown))
         first = history.observations[0]
         start = shown[0] if shown else history.turn
         if start > 0:  # the first observation (the task) stays; the turns between are left out
             omitted = f"(steps 1 to {start} are not shown)"
             first = f"{first}\n{omitted}\n{history.observations[start]}"
-        messages = _first_user_message(history.prompt, first)
+        messages = first_user_message(history.prompt, first)
         for t in shown:
             messages.append({"role": "assistant", "content": history.actions[t]})
             messages.append({"role": "user", "content": history.observations[t + 1]})

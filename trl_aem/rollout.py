@@ -33,7 +33,7 @@ from typing import Any
 
 import gymnasium
 
-from .context import MALFORMED_ACTION_NOTE, ContextPolicy, FullContext, TurnHistory
+from .context import MALFORMED_ACTION_NOTE, ContextPolicy, FullContext, TurnHistory, first_user_message
 from .envs import resolve_env_id
 
 logger = logging.getLogger(__name__)
@@ -274,17 +274,9 @@ def call_all(calls: list[Callable[[], Any]], timeout: float | None, num_workers:
 def initial_messages(prompt: Any, observation: str, system_prompt: str | None = None) -> list[dict]:
     """The first-turn conversation: ``prompt`` (messages or a string) with ``observation`` appended to its last
     user message (on a new line), and ``system_prompt`` as a leading system message if it has none."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = [dict(m) for m in prompt] or [{"role": "user", "content": ""}]
+    messages = first_user_message(prompt, observation)
     if system_prompt and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    if messages[-1].get("role") != "user":
-        messages.append({"role": "user", "content": ""})
-    content = messages[-1].get("content") or ""
-    separator = "\n" if content and observation else ""
-    messages[-1] = {**messages[-1], "content": f"{content}{separator}{observation}"}
     return messages
 
 
