@@ -47,3 +47,15 @@ def test_tiny_cpu_recipe_trains(tmp_path):
     logs = [e for e in trainer.state.log_history if "env/success_rate" in e]
     assert len(logs) == 2 and "aem/alpha_mean" in logs[0]
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_tiny_cpu_recipe_trains_and_evaluates_in_window_mode(tmp_path):
+    """The recipe script with the paper's step-wise setting from the command line: training and its evaluation."""
+    trainer = load_train_script().main(["--config", str(RECIPES / "tiny-codebreaker-cpu.yaml"), "--max_steps", "1",
+                                        "--eval_tasks", "4", "--warm_start_steps", "0", "--num_train_tasks", "16",
+                                        "--output_dir", str(tmp_path), "--logging_steps", "1", "--env_context",
+                                        "window", "--env_history_turns", "1", "--env_prompt_format", "react",
+                                        "--env_rows_per_forward", "4"])
+    assert trainer.args.env_context == "window" and trainer._env_window
+    log = next(e for e in trainer.state.log_history if "env/success_rate" in e)
+    assert log["env/segments_per_episode"] >= 1 and "aem/spans" in log

@@ -409,3 +409,26 @@ def test_window_mode_with_lora_and_a_kl_term_scores_the_reference_on_segment_row
     # a fresh LoRA adapter starts at zero: the reference (adapter disabled) equals the old policy on every token
     torch.testing.assert_close(scored["ref_per_token_logps"][mask], scored["old_per_token_logps"][mask])
     assert all("kl" in e for e in trainer.state.log_history if "loss" in e)
+
+
+def test_num_iterations_gradient_accumulation_and_chunked_generation_in_window_mode(tmp_path, say_tokenizer):
+    """steps_per_generation 2 x num_iterations 2 with gradient accumulation 2: one rollout, four micro-batches; each
+    iteration trains every segment row exactly once; generation runs in chunks of at most 3 episodes."""
+    calls = []
+    trainer = window_trainer(tmp_path, say_tokenizer, env=VariableEnv, steps_per_generation=2, num_iterations=2,
+                             gradient_accumulation_steps=2, max_steps=2, env_generation_chunk_size=3)
+    original = type(trainer.model).generate
+
+    def generate(input_ids, **kwargs):
+        calls.append(input_ids.size(0))
+        return original(trainer.model, input_ids=input_ids, **kwargs)
+
+    trainer.model.generate = generate
+    trainer.train()
+    assert calls and max(calls) <= 3
+    micro = _Probe.micro_batches
+    assert len(micro) == 4  # 2 optimizer steps x 2 accumulation steps, from one generation
+    expected = rows_of(_Probe.scored)
+    assert sorted(r for b in micro[:2] for r in rows_of(b)) == expected
+    assert sorted(r for b in micro[2:] for r in rows_of(b)) == expected
+    assert all("old_per_token_logps" in b for b in micro)  # num_iterations > 1: the old-policy pass ran on segments
