@@ -336,7 +336,8 @@ def test_window_configuration_errors(tmp_path):
                                (dict(env_prompt_format="json"), "env_prompt_format"),
                                (dict(env_rows_per_forward=0), "env_rows_per_forward"),
                                (dict(env_invalid_action_penalty=-1.0), "env_invalid_action_penalty"),
-                               (dict(env_context="window", env_reuse_kv_cache=True), "nothing to reuse")):
+                               (dict(env_context="window", env_reuse_kv_cache=True), "nothing to reuse"),
+                               (dict(env_context="window", use_vllm=True), "does not support use_vllm")):
         with pytest.raises(ValueError, match=message):
             AEMGRPOConfig(**base_args(tmp_path, **overrides))
 
