@@ -433,3 +433,12 @@ def test_num_iterations_gradient_accumulation_and_chunked_generation_in_window_m
     assert sorted(r for b in micro[:2] for r in rows_of(b)) == expected
     assert sorted(r for b in micro[2:] for r in rows_of(b)) == expected
     assert all("old_per_token_logps" in b for b in micro)  # num_iterations > 1: the old-policy pass ran on segments
+
+
+def test_evaluation_in_window_mode_with_loss_parts(tmp_path, say_tokenizer):
+    """trainer.evaluate() (no gradients) runs the loss in parts without a backward pass."""
+    trainer = window_trainer(tmp_path, say_tokenizer, cls=AEMGRPOTrainer, env_rows_per_forward=2,
+                             per_device_eval_batch_size=4)
+    trainer.eval_dataset = env_dataset(4)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and metrics["eval_env/segments_per_episode"] >= 1

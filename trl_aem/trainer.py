@@ -643,9 +643,12 @@ class AEMGRPOTrainer(GRPOTrainer):
             if k == count - 1:
                 last = self._aem_compute_loss(model, part) * weight
                 return last if done is None else last + done
-            with self.accelerator.no_sync(model):
+            if not torch.is_grad_enabled():  # evaluation (prediction_step): the parts' losses, no backward
                 loss = self._aem_compute_loss(model, part) * weight
-                self.accelerator.backward(loss)
+            else:
+                with self.accelerator.no_sync(model):
+                    loss = self._aem_compute_loss(model, part) * weight
+                    self.accelerator.backward(loss)
             done = loss.detach() if done is None else done + loss.detach()
 
     def _aem_compute_loss(self, model, inputs):
