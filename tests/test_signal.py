@@ -312,6 +312,10 @@ def test_recorder_keeps_only_decoding_steps_and_rejects_mismatches():
     expected = torch.stack([token_entropy_from_logits(v[:, -1]) for v in logits[2:]], dim=1)
     torch.testing.assert_close(kept, expected)  # the last prompt chunk's step and the 3 decoding steps
     assert recorder.entropies(prefill_width=7, generated_width=5) is None  # one step too few
+    assert recorder.entropies(prefill_width=7, generated_width=3) is None  # one step too many
+    # synchronised generation (ZeRO-3/FSDP): a process that finished first runs extra forwards at the end
+    torch.testing.assert_close(recorder.entropies(prefill_width=7, generated_width=3, trailing_steps=True),
+                               expected[:, :3])
     assert recorder.entropies(prefill_width=5, generated_width=4) is None  # forwards do not add up to the prompt
     assert recorder.entropies().shape == (2, 6)
 

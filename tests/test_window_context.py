@@ -442,3 +442,44 @@ def test_evaluation_in_window_mode_with_loss_parts(tmp_path, say_tokenizer):
     trainer.eval_dataset = env_dataset(4)
     metrics = trainer.evaluate()
     assert "eval_loss" in metrics and metrics["eval_env/segments_per_episode"] >= 1
+
+
+def test_scoring_passes_keep_sharded_processes_at_the_same_number_of_forwards(tmp_path, say_tokenizer, monkeypatch):
+    """Under ZeRO-3/FSDP every forward is a collective: a process with fewer segment rows pads its scoring pass with
+    copies of its first row (discarded) to the number of forwards the busiest process runs."""
+    trainer = window_trainer(tmp_path, say_tokenizer, cls=AEMGRPOTrainer, env_rows_per_forward=2)
+    trainer.model.eval()
+    ids = torch.randint(3, 10, (3, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        alone = trainer._segment_forward(trainer.model, ids, mask, 4, compute_entropy=True)
+    forwards = []
+    handle = trainer.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
+    monkeypatch.setattr(type(trainer), "_sharded_processes", lambda self: True)
+    monkeypatch.setattr(type(trainer), "_max_over_processes", lambda self, value: 4)  # another process: 4 forwards
+    with torch.no_grad():
+        padded = trainer._segment_forward(trainer.model, ids, mask, 4, compute_entropy=True)
+    handle.remove()
+    assert len(forwards) == 4  # 3 rows at 2 per forward would be 2 forwards
+    torch.testing.assert_close(padded[0], alone[0])
+    torch.testing.assert_close(padded[1], alone[1])
+    assert padded[0].shape == (3, 4)
+
+
+def test_loss_parts_refuse_terms_they_cannot_reproduce(tmp_path, say_tokenizer):
+    for overrides, message in ((dict(entropy_coef=0.1), "entropy_coef"),
+                               (dict(top_entropy_quantile=0.5), "top_entropy_quantile")):
+        with pytest.raises(ValueError, match=message):
+            window_trainer(tmp_path, say_tokenizer, cls=AEMGRPOTrainer, env_rows_per_forward=2, **overrides)
+    window_trainer(tmp_path, say_tokenizer, cls=AEMGRPOTrainer, entropy_coef=0.1)  # without parts: fine
+
+
+def test_a_first_prompt_over_budget_ends_the_episode_with_only_the_dataset_prompt():
+    from trl_aem.rollout import EnvRunner, ObservationRenderer, RolloutLimits
+
+    tokenizer = bpe_tokenizer(chat_template=True)
+    renderer = ObservationRenderer(tokenizer)
+    limited = EnvRunner(SayEnv, renderer, RolloutLimits(5, 8, 256, max_prompt_length=4), context=WindowContext(2))
+    [episode] = limited.run([{"seed": 1}], [PROMPT], scripted_generate(tokenizer, ["red<|im_end|>"]))
+    assert episode.truncated and episode.num_turns == 0 and not episode.success
+    assert episode.prompt_ids == renderer.prompt_ids(PROMPT, "")

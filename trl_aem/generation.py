@@ -48,7 +48,8 @@ class GenerationEntropyRecorder:
         finally:
             handle.remove()
 
-    def entropies(self, prefill_width: int | None = None, generated_width: int | None = None) -> torch.Tensor | None:
+    def entropies(self, prefill_width: int | None = None, generated_width: int | None = None,
+                  trailing_steps: bool = False) -> torch.Tensor | None:
         """``(B, steps)`` entropies of the decoding steps, or None if nothing (or nothing trustworthy) was recorded.
 
         Args:
@@ -57,6 +58,9 @@ class GenerationEntropyRecorder:
                 dropped; ``None`` keeps every forward.
             generated_width: the number of tokens ``generate`` sampled (the width of its output past the prompt).
                 When given, a recording with any other number of decoding steps is rejected (None).
+            trailing_steps: accept (and drop) decoding steps after the ``generated_width``-th: with synchronised
+                generation across processes (ZeRO-3/FSDP, transformers' ``synced_gpus``), a process whose sequences
+                ended first keeps running forwards until every process is done.
         """
         if not self.steps:
             return None
@@ -72,7 +76,11 @@ class GenerationEntropyRecorder:
             if fed != prefill_width:  # the forwards do not add up to the prompt: not the decoding loop we know
                 return None
         steps = self.steps[start:]
-        if generated_width is not None and len(steps) != generated_width:
+        if generated_width is not None:
+            if len(steps) < generated_width or (len(steps) > generated_width and not trailing_steps):
+                return None
+            steps = steps[:generated_width]
+        if not steps:
             return None
         return torch.stack(steps, dim=1)
 
@@ -188,7 +196,8 @@ def make_hf_generate_fn(model, pad_token_id: int, eos_token_ids, generation_conf
         if record_entropy:
             # With a cache given, generate feeds only the uncached tokens before the first sampled one.
             prefill_width = suffix if _CACHE_ARGUMENT in extra else prefix + suffix
-            recorded = recorder.entropies(prefill_width=prefill_width, generated_width=generated.size(1))
+            recorded = recorder.entropies(prefill_width=prefill_width, generated_width=generated.size(1),
+                                          trailing_steps=run_when_empty)
             if recorded is None:
                 logger.warning("could not match the recorded entropies to the %d generated positions; returning NaN "
                                "entropies for this call (the trainer then computes them in a forward pass)",

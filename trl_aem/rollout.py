@@ -457,7 +457,9 @@ class EnvRunner:
             episode.admissible_actions = _listed_actions(reset_info)
             episode.prompt_ids = self._first_prompt_ids(episode, prompt)
             if not limits.prompt_fits(episode.prompt_ids):
-                episode.truncated, episode.done = True, True  # the task does not fit the prompt budget: a failure
+                # the task does not fit the prompt budget: a failure, whose row keeps only the dataset prompt
+                episode.prompt_ids = self.renderer.prompt_ids(prompt, "")
+                episode.truncated, episode.done = True, True
 
         while True:
             active = [i for i, e in enumerate(episodes) if not e.done]

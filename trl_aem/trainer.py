@@ -156,10 +156,8 @@ class AEMGRPOTrainer(GRPOTrainer):
             self.rollout_func = self._env_rollout
         #: With env= and env_context="window": every turn is one training row (a segment).
         self._env_window = env is not None and self.args.env_context == "window"
-        if self._env_window and self.is_deepspeed_enabled and self.args.env_rows_per_forward is not None:
-            raise ValueError("env_rows_per_forward runs the loss's backward pass in parts, which DeepSpeed's engine does "
-                             "not allow; with DeepSpeed leave it None (bound the rows with per_device_train_batch_size "
-                             "and env_max_turns) or use DDP/FSDP")
+        if self._env_window and self.args.env_rows_per_forward is not None:
+            self._check_loss_parts()
         self._env_rows: list[dict] | None = None
         self._env_last_rollout: tuple[str, list[dict], list] | None = None  # (mode, rows, episodes), for the table
         if self.args.aem_plots:
@@ -179,6 +177,24 @@ class AEMGRPOTrainer(GRPOTrainer):
         self._aem_warned_trajectory_scope = False
 
     # ------------------------------------------------------------------ set-up
+    def _check_loss_parts(self) -> None:
+        """Refuse what the loss in parts (``env_rows_per_forward`` with ``env_context="window"``) cannot reproduce."""
+        if self.is_deepspeed_enabled:
+            raise ValueError("env_rows_per_forward runs the loss's backward pass in parts, which DeepSpeed's engine does "
+                             "not allow; with DeepSpeed leave it None (bound the rows with per_device_train_batch_size "
+                             "and env_max_turns) or use DDP")
+        unsupported = {
+            "entropy_coef (an entropy bonus, a per-call token mean)": self._entropy_bonus_enabled,
+            "top_entropy_quantile < 1 (its threshold is per call)": self.top_entropy_quantile < 1.0,
+            "a router auxiliary loss (router_aux_loss_coef with a mixture-of-experts model)": self.aux_loss_enabled,
+            "optim lomo/adalomo (its backward needs the learning rate)": "lomo" in str(self.args.optim).lower(),
+        }
+        refused = [name for name, active in unsupported.items() if active]
+        if refused:
+            raise ValueError("env_rows_per_forward splits the loss into parts weighted by the policy loss's normaliser, "
+                             "which does not reproduce " + "; ".join(refused) + ". Leave env_rows_per_forward None, or "
+                             "switch these off")
+
     @staticmethod
     def _check_env_arguments(args, train_dataset, reward_funcs, tools, rollout_func, environment_factory):
         """Validate ``env=`` against the other arguments; return the reward functions with ``env_return`` first."""
@@ -276,7 +292,8 @@ class AEMGRPOTrainer(GRPOTrainer):
         if self.pad_to_multiple_of:
             prefill_width = -(-prefill_width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         longest = max((len(ids) for ids in completion_ids), default=0)
-        recorded = recorder.entropies(prefill_width=prefill_width, generated_width=longest)
+        recorded = recorder.entropies(prefill_width=prefill_width, generated_width=longest,
+                                      trailing_steps=self._sharded_processes())
         if recorded is None or recorded.size(0) != len(completion_ids):
             warnings.warn("AEM could not match the entropies recorded during generation to the completions; falling "
                           "back to an extra forward pass for this batch.")
@@ -351,34 +368,44 @@ class AEMGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         width = batch["completion_ids"].size(1)
-        rows = self.args.env_rows_per_forward
         want_entropy = self.args.use_aem and self.aem_entropy_source == "old_logps"
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self._old_logps_pass_runs():
-                logps, entropies, _ = super()._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, width, batch_size=rows, compute_entropy=want_entropy)
+                logps, entropies = self._segment_forward(self.model, input_ids, attention_mask, width, want_entropy)
                 batch["old_per_token_logps"] = logps
                 if want_entropy:
                     self._aem_token_entropy = entropies
             if self.beta != 0.0:
-                batch["ref_per_token_logps"] = self._env_reference_logps(input_ids, attention_mask, width, rows)
+                batch["ref_per_token_logps"] = self._env_reference_logps(input_ids, attention_mask, width)
         if self.args.use_aem and self.aem_entropy_source == "generation":
             self._aem_generation_entropy = list(recorded_entropy)
         self._env_segment_metrics(mode, segments, row_episode, len(inputs))
         return batch, span_ids, row_episode
 
-    def _env_reference_logps(self, input_ids, attention_mask, width: int, rows: int | None) -> torch.Tensor:
+    def _env_reference_logps(self, input_ids, attention_mask, width: int) -> torch.Tensor:
         """The reference model's log-probabilities on segment rows (TRL's choice of reference: a reference model, or
         the policy with its adapter disabled, or the initial adapter ``ref``)."""
         if self.ref_model is not None:
-            logps, _, _ = super()._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, width,
-                                                                     batch_size=rows)
-            return logps
+            return self._segment_forward(self.ref_model, input_ids, attention_mask, width)[0]
         model = self.accelerator.unwrap_model(self.model)
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            logps, _, _ = super()._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, width,
-                                                                     batch_size=rows)
-        return logps
+            return self._segment_forward(self.model, input_ids, attention_mask, width)[0]
+
+    def _segment_forward(self, model, input_ids, attention_mask, width: int, compute_entropy: bool = False):
+        """No-grad log-probabilities (and entropies) of segment rows, at most ``env_rows_per_forward`` rows per
+        forward. Under ZeRO-3/FSDP, where every forward is a collective, processes holding fewer rows run extra
+        forwards on copies of their first row (discarded), so that all run the same number."""
+        rows, count = self.args.env_rows_per_forward, input_ids.size(0)
+        if rows is not None and self._sharded_processes():
+            chunks = -(-count // rows)
+            most = self._max_over_processes(chunks)
+            if most > chunks:
+                extra = (most - 1) * rows + 1 - count
+                input_ids = torch.cat([input_ids, input_ids[:1].expand(extra, -1)])
+                attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(extra, -1)])
+        logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, width, batch_size=rows, compute_entropy=compute_entropy)
+        return logps[:count], (entropies[:count] if entropies is not None else None)
 
     def _env_segment_metrics(self, mode: str, segments, row_episode: torch.Tensor, num_episodes: int) -> None:
         """Completion metrics of the segment rows (replacing TRL's, computed on placeholders) and
@@ -457,15 +484,18 @@ class AEMGRPOTrainer(GRPOTrainer):
     def _aem_collect_token_entropy(self, output: dict[str, Any]) -> torch.Tensor:
         """``(B, T)`` entropies of the completion tokens under the sampling policy, from the cheapest source."""
         completion_ids = output["completion_ids"]
+        recorded = self._aem_generation_entropy
+        usable = recorded is not None and not any(torch.isnan(values).any() for values in recorded)
+        if self._aem_token_entropy is None and self.aem_entropy_source == "generation":
+            usable = self._all_processes_agree(usable)  # a fallback pass is a collective under ZeRO-3/FSDP
         if self._aem_token_entropy is not None:
             entropy = self._aem_token_entropy
-        elif self._aem_generation_entropy is not None and not any(
-                torch.isnan(values).any() for values in self._aem_generation_entropy):
+        elif usable:
             entropy = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-            for row, values in enumerate(self._aem_generation_entropy):
+            for row, values in enumerate(recorded):
                 width = min(values.numel(), entropy.size(1))
                 entropy[row, :width] = values[:width].to(entropy.device)
-        else:  # no cheaper source, or a generate call whose recording could not be matched (NaN)
+        else:  # no cheaper source, or a recording that could not be matched on some process: all fall back
             entropy = self._aem_entropy_pass(output)
         self._aem_token_entropy, self._aem_generation_entropy = None, None
         return entropy
@@ -480,6 +510,9 @@ class AEMGRPOTrainer(GRPOTrainer):
             batch_size = self.args.env_rows_per_forward
         forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if key in output}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self._env_window:
+                return self._segment_forward(self.model, prompt_completion_ids, attention_mask,
+                                             output["completion_ids"].size(1), compute_entropy=True)[1]
             _, entropy, _ = self._get_per_token_logps_and_entropies(
                 self.model, prompt_completion_ids, attention_mask, output["completion_ids"].size(1),
                 batch_size=batch_size, compute_entropy=True, **forward_kwargs,
@@ -868,6 +901,16 @@ class AEMGRPOTrainer(GRPOTrainer):
             return tokens, None, token_logprobs
 
         return generate
+
+    def _sharded_processes(self) -> bool:
+        """Several processes with sharded weights (ZeRO-3 or FSDP): every forward is a collective."""
+        return self.accelerator.num_processes > 1 and (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _all_processes_agree(self, flag: bool) -> bool:
+        """True only if ``flag`` is True on every process (one collective with several processes)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return self._max_over_processes(0 if flag else 1) == 0
 
     def _max_over_processes(self, value: int) -> int:
         """The largest ``value`` over all processes (keeps collective generation calls in step)."""
