@@ -93,19 +93,14 @@ class Segment:
 
 
 @dataclass
-class Episode:
+class Episode(Segment):
     """One multi-turn trajectory and its outcome.
 
-    ``prompt_ids`` ... ``token_logprobs`` hold the episode's current (with ``env_context="full"``: only) segment;
-    ``closed_segments`` the earlier ones (``env_context="window"``); :meth:`segments` lists them all.
+    The :class:`Segment` fields (``prompt_ids`` ... ``token_logprobs``) hold the episode's current (with
+    ``env_context="full"``: only) segment; ``closed_segments`` the earlier ones (``env_context="window"``);
+    :meth:`segments` lists them all.
     """
 
-    prompt_ids: list[int]
-    completion_ids: list[int] = field(default_factory=list)
-    env_mask: list[int] = field(default_factory=list)  # 1 for generated tokens, 0 for observation tokens
-    span_ids: list[int] = field(default_factory=list)  # turn index for generated tokens, -1 for observations
-    token_entropy: list[float] = field(default_factory=list)  # entropy of generated tokens, 0 for observations
-    token_logprobs: list[float] = field(default_factory=list)  # sampling logprob of generated tokens, NaN otherwise
     actions: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)  # observations[0] is the one from reset
     rewards: list[float] = field(default_factory=list)
