@@ -242,16 +242,21 @@ def list_envs() -> list[dict]:
     """The registered ``trl_aem/*`` gymnasium ids with their class, knobs (constructor defaults) and easiest preset."""
     import gymnasium
 
-    from .envs import env_class
+    import importlib.util
+
+    from .envs import entry_class
 
     rows = []
     for env_id in sorted(i for i in gymnasium.registry if i.startswith("trl_aem/")):
-        cls = env_class(env_id)
+        cls = entry_class(env_id)
+        extra = getattr(cls, "EXTRA", None)
         knobs = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                  if name not in ("self", "render_mode") and p.default is not inspect.Parameter.empty}
         rows.append({"id": env_id, "class": f"{cls.__module__}.{cls.__qualname__}",
                      "summary": " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].replace("``", "").split()),
-                     "env_kwargs": knobs, "easiest": dict(getattr(cls, "EASIEST", {}))})
+                     "env_kwargs": knobs, "easiest": dict(getattr(cls, "EASIEST", {})),
+                     "extra": None if extra is None else {
+                         "name": extra, "installed": importlib.util.find_spec(extra) is not None}})
     return rows
 
 
@@ -273,6 +278,9 @@ def run_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"  {row['summary']}")
         print("  env_kwargs: " + ", ".join(f"{name}={_jsonable(value)!r}" for name, value in row["env_kwargs"].items()))
         print(f"  easiest:    {json.dumps({k: _jsonable(v) for k, v in row['easiest'].items()})}")
+        if row["extra"]:
+            state = "installed" if row["extra"]["installed"] else f'not installed: pip install "trl-aem[{row["extra"]["name"]}]"'
+            print(f"  extra:      {row['extra']['name']} ({state})")
     return 0
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "Shop",
     "ShopGoal",
     "TextEnv",
+    "entry_class",
     "env_class",
     "env_vocabulary",
     "expert_trajectories",
@@ -71,6 +72,8 @@ _ENTRY_POINTS: dict[str, str] = {
     "trl_aem/Household-v0": "trl_aem.envs.household:Household",
     "trl_aem/Shop-v0": "trl_aem.envs.shop:Shop",
     "trl_aem/CodeBreaker-v0": "trl_aem.envs.codebreaker:CodeBreaker",
+    # real third-party environments (optional extras, imported when an episode first starts)
+    "trl_aem/TextWorld-v0": "trl_aem.envs.textworld_env:TextWorldEnv",
 }
 
 _CLASSES: dict[str, type[TextEnv]] = {
@@ -127,16 +130,23 @@ def resolve_env_id(env_id: str, *, name: str = "env_id") -> str:
     return env_name
 
 
-def env_class(env_id: str) -> type[TextEnv]:
-    """The environment class behind an id (``"trl_aem/Shop-v0"``, ``"module:EnvId"``) or a short name (``"shop"``)."""
+def entry_class(env_id: str) -> type:
+    """The class a registered id's entry point names (any gymnasium env; its module is imported, which for the
+    optional third-party environments imports nothing heavy: their packages load when an episode starts)."""
     env_id = BUILTIN_ENVS.get(env_id, env_id)
     if env_id in _CLASSES:
         return _CLASSES[env_id]
-    env_id = resolve_env_id(env_id)
-    cls = gym.spec(env_id).entry_point
+    cls = gym.spec(resolve_env_id(env_id)).entry_point
     if isinstance(cls, str):
         module, _, name = cls.partition(":")
         cls = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def env_class(env_id: str) -> type[TextEnv]:
+    """The environment class behind an id (``"trl_aem/Shop-v0"``, ``"module:EnvId"``) or a short name (``"shop"``),
+    which must be one of trl_aem's own :class:`TextEnv` environments."""
+    cls = entry_class(env_id)
     if not (isinstance(cls, type) and issubclass(cls, TextEnv)):
         raise ValueError(f"{env_id!r} is not a trl_aem text environment")
     return cls

@@ -1,0 +1,83 @@
+"""trl_aem/TextWorld-v0 (optional extra `textworld`): real TextWorld games generated here, played through TextWorld;
+the walkthrough wins, invalid commands are flagged, games are cached, train/eval seeds are disjoint, a corrupt cached
+game is generated again, and AEMGRPOTrainer(env="trl_aem/TextWorld-v0") trains."""
+
+import gymnasium
+import pytest
+
+pytest.importorskip("textworld", reason='the optional extra: pip install "trl-aem[textworld]"')
+
+from conftest import base_args  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+import trl_aem  # noqa: E402,F401  (registers the ids)
+from trl_aem import AEMGRPOConfig, AEMGRPOTrainer  # noqa: E402
+from trl_aem.envs.textworld_env import TextWorldEnv, game_path  # noqa: E402
+from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("textworld-cache")
+
+
+def test_walkthrough_wins_a_generated_game_and_the_convention_holds(cache):
+    env = gymnasium.make("trl_aem/TextWorld-v0", cache_dir=str(cache)).unwrapped
+    observation, info = env.reset(seed=3)
+    assert "coin" in observation and info["task"] in observation and not info["success"]
+    assert "take coin" in info["admissible_actions"] and info["max_score"] == 1
+    total, steps = 0.0, 0
+    while True:
+        observation, reward, terminated, truncated, info = env.step(env.expert_action())
+        total, steps = total + reward, steps + 1
+        assert not info["invalid_action"]
+        if terminated or truncated:
+            break
+    assert terminated and info["success"] and total == 1 + 10.0  # score increase + success reward
+    # a command that is not admissible is flagged (and costs the penalty when one is set)
+    strict = TextWorldEnv(cache_dir=cache, invalid_action_penalty=0.1)
+    strict.reset(seed=3)
+    _, reward, terminated, truncated, info = strict.step("dance with the coin")
+    assert info["invalid_action"] and reward == pytest.approx(-0.1) and not terminated
+
+
+def test_games_are_cached_by_settings_and_train_eval_seeds_are_disjoint(cache):
+    env = TextWorldEnv(cache_dir=cache)
+    path = env.game_file(3)
+    assert path == game_path(cache, "tw-coin_collector", {"level": 1}, 6) and path.exists()
+    stamp = path.stat().st_mtime_ns
+    env.reset(seed=3)
+    assert path.stat().st_mtime_ns == stamp  # reused, not generated again
+    held_out = TextWorldEnv(cache_dir=cache, split="eval")
+    assert held_out.game_file(3) == game_path(cache, "tw-coin_collector", {"level": 1}, 7)
+    other = TextWorldEnv(cache_dir=cache, settings={"level": 2})
+    assert other.game_file(3).parent != path.parent  # other settings, other folder
+    with pytest.raises(ValueError, match="challenge"):
+        TextWorldEnv(challenge="tw-unknown")
+
+
+def test_a_corrupt_cached_game_is_generated_again(cache):
+    env = TextWorldEnv(cache_dir=cache)
+    path = env.game_file(5)
+    good = path.read_bytes()
+    path.write_bytes(good[:100])  # half a game (TextWorld's interpreter would end the process if it loaded it)
+    observation, info = env.reset(seed=5)
+    assert "coin" in observation and path.read_bytes() == good  # generated again, identical (same seed)
+    path.unlink()  # missing: generated again too
+    assert "coin" in env.reset(seed=5)[0]
+
+
+def test_aem_trains_on_textworld(tmp_path, cache):
+    words = ["take", "coin", "go", "north", "south", "east", "west", "examine", "look", "inventory", "the", "a"]
+    tokenizer = build_word_tokenizer(words)
+    model = build_tiny_qwen2(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "play ."}], "seed": i} for i in range(4)])
+    args = AEMGRPOConfig(**base_args(tmp_path, max_completion_length=32, env_max_turns=2,
+                                     env_max_new_tokens_per_turn=3, max_steps=1, env_context="window",
+                                     env_kwargs={"cache_dir": str(cache)}))
+    trainer = AEMGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             env="trl_aem/TextWorld-v0")
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "env/success_rate" in e)
+    assert log["env/episode_errors"] == 0 and log["env/turns_mean"] >= 1 and "aem/spans" in log
