@@ -10,6 +10,7 @@ two CPU processes (gloo): DDP through ``python examples/train_agent.py`` with ``
 file (evaluation printed once), and FSDP2 (in-training evaluation skipped with one warning)."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -398,7 +399,9 @@ def test_python_m_trl_aem_is_the_same_command(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     envs = json.loads(result.stdout)
-    assert set(envs) == {"trl_aem/CodeBreaker-v0", "trl_aem/Household-v0", "trl_aem/Shop-v0"}
+    assert set(envs) == {"trl_aem/CodeBreaker-v0", "trl_aem/Household-v0", "trl_aem/Shop-v0", "trl_aem/TextWorld-v0"}
+    assert envs["trl_aem/TextWorld-v0"]["extra"]["name"] == "textworld" and envs["trl_aem/Shop-v0"]["extra"] is None
+    assert envs["trl_aem/TextWorld-v0"]["extra"]["installed"] == (importlib.util.find_spec("textworld") is not None)
     assert envs["trl_aem/CodeBreaker-v0"]["easiest"] == {"code_length": 1, "num_symbols": 3, "max_guesses": 3}
     knobs = envs["trl_aem/CodeBreaker-v0"]["env_kwargs"]
     assert {"code_length", "num_symbols", "max_guesses", "feedback"} <= set(knobs)
