@@ -33,7 +33,13 @@ from typing import Any
 
 import gymnasium
 
-from .context import MALFORMED_ACTION_NOTE, ContextPolicy, FullContext, TurnHistory, first_user_message
+from .context import (
+    MALFORMED_ACTION_NOTE,
+    ContextPolicy,
+    FullContext,
+    TurnHistory,
+    first_user_message,
+)
 from .envs import resolve_env_id
 
 logger = logging.getLogger(__name__)
@@ -383,9 +389,9 @@ class EnvRunner:
         self._warned_no_seed = False
         self.last_error_count = 0
 
-    def _first_prompt_ids(self, episode: Episode, prompt: Any) -> list[int]:
-        """The first segment's prompt: the dataset prompt with the first turn's text (the first observation)."""
-        return self.renderer.messages_ids(self.context.messages(episode.history(prompt)))
+    def _segment_prompt_ids(self, history: TurnHistory) -> list[int]:
+        """A new segment's prompt for the turn about to be played, as the context policy writes it."""
+        return self.renderer.messages_ids(self.context.messages(history))
 
     def _environments(self, count: int) -> list[Any]:
         while len(self._pool) < count:
@@ -450,7 +456,7 @@ class EnvRunner:
             episode.env_observation = observation
             episode.task = reset_info.get("task") if isinstance(reset_info.get("task"), str) else None
             episode.admissible_actions = _listed_actions(reset_info)
-            episode.prompt_ids = self._first_prompt_ids(episode, prompt)
+            episode.prompt_ids = self._segment_prompt_ids(episode.history(prompt))
             if not limits.prompt_fits(episode.prompt_ids):
                 # the task does not fit the prompt budget: a failure, whose row keeps only the dataset prompt
                 episode.prompt_ids = self.renderer.prompt_ids(prompt, "")
@@ -524,13 +530,13 @@ class EnvRunner:
                 listed = _listed_actions(info)
                 if listed is not None or "admissible_actions" in info:
                     episode.admissible_actions = listed
+                if episode.num_turns >= limits.max_turns:
+                    episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
+                    continue
                 history = episode.history(prompts[i])
                 history.observations.append(observation)
                 if self.context.starts_new_segment(history):
-                    if episode.num_turns >= limits.max_turns:
-                        episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
-                        continue
-                    prompt_ids = self.renderer.messages_ids(self.context.messages(history))
+                    prompt_ids = self._segment_prompt_ids(history)
                     if not limits.prompt_fits(prompt_ids):
                         episode.truncated, episode.done = True, True  # the rebuilt prompt is over its budget
                         continue
@@ -539,8 +545,8 @@ class EnvRunner:
                     continue
                 observation_ids = self.renderer.observation_ids(self.context.observation_text(history), actions[i][1])
                 remaining = limits.max_completion_length - len(episode.completion_ids)
-                if len(observation_ids) >= remaining or episode.num_turns >= limits.max_turns:
-                    episode.truncated, episode.done = True, True  # a limit ends the episode: a failure
+                if len(observation_ids) >= remaining:
+                    episode.truncated, episode.done = True, True  # the observation does not fit: a failure
                     continue
                 episode.observations.append(observation)
                 episode.append_observation(observation_ids)

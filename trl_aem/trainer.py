@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import nanmax, nanmin, use_adapter
 
 from .aem import (
     aem_modulation,
@@ -34,10 +33,20 @@ from .aem import (
     span_ids_from_mask,
     span_mean_entropy,
 )
-from .callbacks import TRAJECTORY_COLUMNS, AEMPlotCallback, SuccessProgressCallback, trajectory_records
+from .callbacks import (
+    TRAJECTORY_COLUMNS,
+    AEMPlotCallback,
+    SuccessProgressCallback,
+    trajectory_records,
+)
 from .config import AEMGRPOConfig
-from .generation import GenerationEntropyRecorder, causal_lm_module, make_hf_generate_fn, tokens_through_eos
 from .context import make_context_policy
+from .generation import (
+    GenerationEntropyRecorder,
+    causal_lm_module,
+    make_hf_generate_fn,
+    tokens_through_eos,
+)
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, make_env_factory
 from .segments import pad_segments, row_parts, split_rows, take_rows
 
@@ -56,6 +65,14 @@ AEM_CITATION = textwrap.dedent("""\
         year         = 2026,
         eprint       = {arXiv:2605.00425},
     }""")
+
+
+def loss_mask_of(batch: dict[str, Any]) -> torch.Tensor:
+    """The tokens of a scored batch that enter the loss: ``completion_mask``, times ``tool_mask`` when there is one
+    (tool/environment tokens of multi-turn rows are out), as TRL's ``_compute_loss`` builds its mask."""
+    if "tool_mask" in batch:
+        return batch["completion_mask"] * batch["tool_mask"]
+    return batch["completion_mask"]
 
 
 class AEMGRPOTrainer(GRPOTrainer):
@@ -263,7 +280,7 @@ class AEMGRPOTrainer(GRPOTrainer):
             logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
             )
-            mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+            mask = loss_mask_of(inputs)
             inputs["old_per_token_logps"], inputs["aem_sequence_log_ratio"] = sequence_token_old_logps(
                 logps, inputs.get("old_per_token_logps"), mask
             )
@@ -327,7 +344,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         elif self.env_runner is not None:
             span_ids = self._env_span_ids(inputs, output["completion_ids"])
         elif "tool_mask" in output:  # TRL's tool/environment_factory loops or a rollout_func's env_mask: turns
-            span_ids = span_ids_from_mask(output["completion_mask"] * output["tool_mask"])
+            span_ids = span_ids_from_mask(loss_mask_of(output))
         else:
             span_ids = None
         failed = self._env_failed_rows(inputs, token_entropy.device)
@@ -506,8 +523,6 @@ class AEMGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        if self._env_window:
-            batch_size = self.args.env_rows_per_forward
         forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if key in output}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self._env_window:
@@ -546,10 +561,7 @@ class AEMGRPOTrainer(GRPOTrainer):
                 'is gated and alpha is 1 everywhere (plain GRPO). Use aem_scope="group" (the paper\'s) or "batch".',
                 stacklevel=2,
             )
-        loss_mask = output["completion_mask"]
-        if "tool_mask" in output:
-            loss_mask = loss_mask * output["tool_mask"]
-        table = span_mean_entropy(token_entropy, loss_mask, span_ids)
+        table = span_mean_entropy(token_entropy, loss_mask_of(output), span_ids)
         if excluded_rows is None:
             excluded_rows = torch.zeros(advantages.size(0), dtype=torch.bool, device=advantages.device)
 
@@ -662,7 +674,7 @@ class AEMGRPOTrainer(GRPOTrainer):
             count = self._max_over_processes(count)
         if count == 1:
             return self._aem_compute_loss(model, inputs)
-        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        mask = loss_mask_of(inputs)
         tokens = mask.sum().clamp(min=1)
         done = None
         for k in range(count):
@@ -697,7 +709,7 @@ class AEMGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         if advantages.dim() != 2:
             return super().compute_loss(model, inputs)
-        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        mask = loss_mask_of(inputs)
         per_row = row_constant_values(advantages, mask)
         if self.importance_sampling_level == "sequence" and self.accelerator.num_processes > 1:
             # The two paths make different collective calls: every process must take the same one.
