@@ -18,21 +18,28 @@ import pytest
 import torch
 
 from trl_aem import aem_coefficients, span_mean_entropy
+from trl_aem.credit import anchor_state_ids, discounted_returns, gigpo_step_advantages
 
-SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_scoring.py"
+SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPT = SCRIPTS / "multiprocess_scoring.py"
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def launch_two_processes(script: Path, out_dir: Path) -> None:
+    """Run ``script out_dir`` under ``accelerate launch`` with 2 CPU processes (gloo); fail with its stderr."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     assert launcher, "accelerate's launcher is not installed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(SCRIPT), str(tmp_path)],
+         "--dynamo_backend", "no", str(script), str(out_dir)],
         capture_output=True, text=True, timeout=900, env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    launch_two_processes(SCRIPT, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
 
@@ -80,14 +87,7 @@ def test_window_mode_groups_all_turns_of_a_task_across_two_processes(tmp_path):
     """env_context="window": a group of 4 episodes (2 per process, different numbers of turns, so the processes hold
     different numbers of rows); AEM's statistics run over every turn of the 4 episodes, as one process would compute
     them; then 2 DDP steps with the loss in parts of one row."""
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(Path(__file__).parent / "scripts" / "multiprocess_window.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_processes(SCRIPTS / "multiprocess_window.py", tmp_path)
     ranks = [torch.load(tmp_path / f"window_rank{r}.pt") for r in range(2)]
     spans_entropy, spans_rank, spans_row = [], [], []
     for r, data in enumerate(ranks):
@@ -113,3 +113,37 @@ def test_window_mode_groups_all_turns_of_a_task_across_two_processes(tmp_path):
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     logs = torch.load(tmp_path / "window_train_logs.pt")
     assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
+
+
+@pytest.mark.slow
+def test_gigpo_step_groups_span_two_processes(tmp_path):
+    """env_credit="gigpo": a group of 4 episodes, 2 per process. Turn k of every episode sees the same observation,
+    so each step group holds steps of both processes; every row's advantage must be its episode's plus omega times the
+    step advantage computed over all 4 episodes (as one process would), not over the process's own 2."""
+    launch_two_processes(SCRIPTS / "multiprocess_gigpo.py", tmp_path)
+    ranks = [torch.load(tmp_path / f"gigpo_rank{r}.pt") for r in range(2)]
+    rewards, episode, turn, states = [], [], [], []
+    for r, data in enumerate(ranks):
+        for e, t in zip(data["row_episode"].tolist(), data["row_turn"].tolist()):
+            rewards.append(data["rewards"][e][t])
+            episode.append(2 * r + e)
+            turn.append(t)
+            states.append(data["observations"][e][t])
+    episode, turn = torch.tensor(episode), torch.tensor(turn)
+    returns = discounted_returns(torch.tensor(rewards, dtype=torch.float64), episode, turn, gamma=0.5)
+    step, size = gigpo_step_advantages(returns, torch.zeros_like(episode), anchor_state_ids(states), scale="none")
+    assert size[turn == 0].tolist() == [4] * 4  # every episode's first step: one step group over both processes
+    assert step.abs().sum() > 0, "the tiny policy's answers gave every step the same return; change the seeds"
+    offset = 0
+    for data in ranks:
+        rows = data["row_episode"].numel()
+        expected = data["episode_advantages"].double() + 0.7 * step[offset:offset + rows]
+        torch.testing.assert_close(data["combined"].double(), expected, rtol=1e-5, atol=1e-6)
+        offset += rows
+    # computed over one process's episodes only, the step advantages would differ
+    local = episode < 2
+    alone, _ = gigpo_step_advantages(returns[local], torch.zeros_like(episode[local]),
+                                     anchor_state_ids([s for s, keep in zip(states, local.tolist()) if keep]),
+                                     scale="none")
+    assert not torch.allclose(alone, step[local])
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["credit/step_group_size_max"] == 4.0

@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import GenerationConfig
 
 from .callbacks import SuccessProgressCallback
-from .context import make_context_policy
+from .context import ContextPolicy, make_context_policy
 from .generation import make_hf_generate_fn
 from .rollout import EnvRunner, ObservationRenderer, RolloutLimits, initial_messages, make_env_factory, row_seed
 
@@ -190,7 +190,7 @@ def evaluate(
     system_prompt: str | None = None,
     batch_size: int = 64,
     progress: bool = False,
-    context: str = "full",
+    context: str | ContextPolicy = "full",
     history_turns: int = 2,
     prompt_format: str = "chat",
     invalid_action_penalty: float = 0.1,
@@ -215,12 +215,15 @@ def evaluate(
         system_prompt: optional system message, as in training.
         batch_size: episodes generated together per batch.
         progress: show a progress bar with the success rate so far.
-        context: what the model sees at each turn, as in training (``env_context``: ``"full"`` or ``"window"``).
+        context: what the model sees at each turn, as in training (``env_context``: ``"full"`` or ``"window"``), or
+            a :class:`~trl_aem.context.ContextPolicy` (``"summary"`` and ``"echo"`` need their budget:
+            ``context_policy_from_args(config)`` builds the one a training configuration describes).
         history_turns: with ``context="window"``, earlier observation/action pairs per prompt (``env_history_turns``).
         prompt_format: ``"chat"`` or ``"react"`` (``env_prompt_format``), as in training.
         invalid_action_penalty: with ``"react"``, the reward of a malformed answer is minus this.
     """
-    policy_of_context = make_context_policy(context, history_turns, prompt_format)
+    policy_of_context = (context if isinstance(context, ContextPolicy)
+                         else make_context_policy(context, history_turns, prompt_format))
     rows = [{"prompt": prompt, "seed": seed_offset + t} for t in range(num_tasks) for _ in range(k)]
     factory = make_env_factory(env, env_kwargs)
     bar = None

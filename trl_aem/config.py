@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .aem import DIRECTIONS, SCOPES
+from .credit import STEP_SCALES
 
 ENTROPY_SOURCES = ("auto", "generation", "old_logps", "extra_pass")
-ENV_CONTEXTS = ("full", "window")
+ENV_CONTEXTS = ("full", "window", "summary", "echo")
+#: ``env_credit`` values: how the episode's advantage reaches the tokens of its segment rows.
+ENV_CREDITS = ("auto", "episode", "echo", "gigpo")
+#: The contexts whose episodes are several training rows (segments).
+SEGMENT_CONTEXTS = ("window", "summary", "echo")
 ENV_PROMPT_FORMATS = ("chat", "react")
 
 
@@ -96,9 +101,44 @@ class AEMGRPOConfig(GRPOConfig):
             every turn is a fresh prompt (the task, the last `env_history_turns` observation/action pairs and the
             current observation) and one training row (a *segment*); every segment carries its episode's advantage,
             and AEM's group is all turns of the G episodes of one task (see `docs/environments.md`).
+            `"summary"` (SUPO) and `"echo"` (ECHO's selective turn memory): one growing segment until the context
+            passes `env_context_budget` tokens; then the policy writes a summary (summary) or selects earlier turns
+            (echo), and the next segment starts from a rebuilt prompt (see `docs/credit.md`).
         env_history_turns (`int`, *optional*, defaults to `2`):
             With `env_context="window"`, how many earlier observation/action pairs each turn's prompt shows (>= 0;
             verl-agent's `history_length`).
+        env_context_budget (`int`, *optional*):
+            With `env_context="summary"` or `"echo"` (required there): when the active segment (its prompt, its
+            completion so far and the next observation) would pass this many tokens, the policy writes a memory and
+            the next segment starts from a rebuilt prompt. A segment's completion then holds about this many tokens
+            plus the request and the memory, so keep `max_completion_length` above
+            `env_context_budget + env_memory_max_tokens` plus a request's length.
+        env_memory_max_tokens (`int`, *optional*, defaults to `64`):
+            Most tokens of one summary or selection.
+        env_max_rebuilds (`int`, *optional*, defaults to `5`):
+            Most rebuilds per episode (summary, echo); a budget boundary after that many ends the episode as
+            overlong: a failure whose advantage is set to zero (ECHO's and SUPO's rule).
+        env_echo_recent_turns (`int`, *optional*, defaults to `3`):
+            With `env_context="echo"`, the most recent turns every rebuilt prompt shows in full (ECHO: 3).
+        env_credit (`str`, *optional*, defaults to `"auto"`):
+            Which tokens of an episode's segment rows get which advantage. `"episode"`: every generated token gets
+            the episode's (group-relative) advantage (with `"summary"` this is SUPO's estimator; with `"echo"` it is
+            ECHO's *dense credit* ablation). `"echo"` (needs `env_context="echo"`): ECHO's traceable credit, only the
+            final segment and the action, finding and selection tokens of the turns selected in the final rebuild
+            keep a gradient. `"gigpo"` (needs `env_context="window"`): GiGPO, every step's advantage is the episode's
+            plus `env_gigpo_omega` times a step-level advantage over anchor states (steps of one task's episodes that
+            saw the same observation, compared on their discounted returns). `"auto"`: `"echo"` with
+            `env_context="echo"`, else `"episode"`. AEM's alpha multiplies whatever this gives.
+        env_positive_advantages (`bool`, *optional*):
+            Apply only the positive part of the advantage (failed rollouts get no update; ECHO's rule). `None`:
+            True with `env_context="echo"`, else False.
+        env_gigpo_gamma (`float`, *optional*, defaults to `0.95`):
+            With `env_credit="gigpo"`, the discount of the step returns (in [0, 1]; verl-agent's ALFWorld setting).
+        env_gigpo_omega (`float`, *optional*, defaults to `1.0`):
+            With `env_credit="gigpo"`, the weight of the step-level advantage (>= 0).
+        env_gigpo_step_scale (`str`, *optional*, defaults to `"std"`):
+            With `env_credit="gigpo"`, `"std"` divides a step's deviation from its step group's mean by the group's
+            standard deviation; `"none"` does not (verl-agent's `mean_norm`).
         env_prompt_format (`str`, *optional*, defaults to `"chat"`):
             `"chat"`: observations are user messages and the model's answer is the action. `"react"`: each turn's
             user message is a step prompt (task, step number, recent history, current observation, admissible
@@ -112,7 +152,8 @@ class AEMGRPOConfig(GRPOConfig):
             prompt would be longer ends the episode as truncated (a failure). Bounds the window's memory, and is the
             prompt length `benchmarks/memory_plan.py` traces for a window recipe. `None`: no limit.
         env_rows_per_forward (`int`, *optional*):
-            With `env_context="window"`, most segment rows in one forward pass (the scoring passes, and the loss,
+            With a segment context (`"window"`, `"summary"`, `"echo"`), most segment rows in one forward pass (the
+            scoring passes, and the loss,
             which then runs its backward pass in parts of this many rows). A rollout of N episodes gives up to
             N x `env_max_turns` rows; this bounds their activation memory. `None`: no bound.
         env_system_prompt (`str`, *optional*):
@@ -168,11 +209,39 @@ class AEMGRPOConfig(GRPOConfig):
     )
     env_context: str = field(
         default="full",
-        metadata={"help": "full: one growing sequence per episode; window: a fresh prompt per turn (step-wise).",
+        metadata={"help": "full: one growing sequence per episode; window: a fresh prompt per turn (step-wise); "
+                          "summary / echo: a rebuilt prompt (a summary / selected turns) at a token budget.",
                   "choices": list(ENV_CONTEXTS)},
     )
     env_history_turns: int = field(
         default=2, metadata={"help": "With env_context=window: earlier observation/action pairs shown per turn."}
+    )
+    env_context_budget: int | None = field(
+        default=None,
+        metadata={"help": "With env_context=summary/echo: tokens of the active context that trigger a rebuild."},
+    )
+    env_memory_max_tokens: int = field(default=64, metadata={"help": "Most tokens of one summary or selection."})
+    env_max_rebuilds: int = field(
+        default=5, metadata={"help": "Most rebuilds per episode (summary/echo); one more ends it as overlong."}
+    )
+    env_echo_recent_turns: int = field(
+        default=3, metadata={"help": "With env_context=echo: recent turns every rebuilt prompt shows in full."}
+    )
+    env_credit: str = field(
+        default="auto",
+        metadata={"help": "episode (every token the episode's advantage), echo (ECHO's traceable mask), gigpo "
+                          "(episode + step-level advantage); auto = echo with env_context=echo, else episode.",
+                  "choices": list(ENV_CREDITS)},
+    )
+    env_positive_advantages: bool | None = field(
+        default=None,
+        metadata={"help": "Apply only the positive part of the advantage (None: True with env_context=echo)."},
+    )
+    env_gigpo_gamma: float = field(default=0.95, metadata={"help": "GiGPO: discount of the step returns."})
+    env_gigpo_omega: float = field(default=1.0, metadata={"help": "GiGPO: weight of the step-level advantage."})
+    env_gigpo_step_scale: str = field(
+        default="std", metadata={"help": "GiGPO: scale step deviations by the step group's std, or none.",
+                                 "choices": list(STEP_SCALES)},
     )
     env_prompt_format: str = field(
         default="chat",
@@ -246,6 +315,7 @@ class AEMGRPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, or None for no limit, got {value!r}")
+        self._check_memory_and_credit()
         if self.env_context == "window":
             if self.env_reuse_kv_cache:
                 raise ValueError("env_reuse_kv_cache=True has nothing to reuse with env_context='window' (every turn is a "
@@ -263,6 +333,51 @@ class AEMGRPOConfig(GRPOConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 ({meaning}), got {value!r}")
         super().__post_init__()
+
+    def _check_memory_and_credit(self) -> None:
+        """Validate the memory-context and credit fields (``env_context_budget`` ... ``env_gigpo_step_scale``)."""
+        for name, least in (("env_memory_max_tokens", 1), ("env_max_rebuilds", 0), ("env_echo_recent_turns", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        budget = self.env_context_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"env_context_budget must be an integer >= 1 (tokens), or None, got {budget!r}")
+        if self.env_context in ("summary", "echo"):
+            if budget is None:
+                raise ValueError(f"env_context={self.env_context!r} rebuilds the prompt when the context passes a token "
+                                 "budget: set env_context_budget (an integer >= 1)")
+            if self.use_vllm:
+                raise ValueError(f"env_context={self.env_context!r} does not support use_vllm=True yet (its segment rows "
+                                 "would need per-segment sampling log-probabilities); use transformers generation")
+        _check_choice("env_credit", self.env_credit, ENV_CREDITS)
+        if self.env_positive_advantages is not None and not isinstance(self.env_positive_advantages, bool):
+            raise ValueError(f"env_positive_advantages must be True, False or None, got {self.env_positive_advantages!r}")
+        if self.env_credit == "echo" and self.env_context != "echo":
+            raise ValueError(f"env_credit='echo' credits the turns selected at the final rebuild: it needs "
+                             f"env_context='echo', got env_context={self.env_context!r}")
+        if self.env_credit == "gigpo" and self.env_context != "window":
+            raise ValueError(f"env_credit='gigpo' compares steps (one training row per step, a fresh prompt per turn): "
+                             f"it needs env_context='window', got env_context={self.env_context!r}")
+        gamma = self.env_gigpo_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"env_gigpo_gamma must be a number in [0, 1], got {gamma!r}")
+        _check_number("env_gigpo_omega", self.env_gigpo_omega)
+        _check_choice("env_gigpo_step_scale", self.env_gigpo_step_scale, STEP_SCALES)
+
+    @property
+    def env_credit_method(self) -> str:
+        """``env_credit`` with ``"auto"`` resolved: ``"echo"`` with ``env_context="echo"``, else ``"episode"``."""
+        if self.env_credit == "auto":
+            return "echo" if self.env_context == "echo" else "episode"
+        return self.env_credit
+
+    @property
+    def env_positive_only(self) -> bool:
+        """``env_positive_advantages`` with ``None`` resolved (True with ``env_context="echo"``)."""
+        if self.env_positive_advantages is None:
+            return self.env_context == "echo"
+        return self.env_positive_advantages
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig, **aem_fields) -> "AEMGRPOConfig":

@@ -15,6 +15,12 @@ observation that does not fit ends the episode (it is not appended). An episode 
 terminating, or runs out of token budget, ends *truncated* and counts as a failure (``success=False``), its return
 being the sum of the rewards it got so far.
 
+Memory contexts (:class:`~trl_aem.context.MemoryContext`: ``env_context="summary"`` or ``"echo"``): when the active
+segment would pass the policy's token budget, the observation and a request are appended (masked), the episode's next
+generation is a memory (a summary or a selection; its own span, ``MEMORY_SPAN_OFFSET + k``, not a turn: no
+environment step), and the next segment starts from the prompt the policy rebuilds. A boundary after the policy's
+``max_rebuilds`` rebuilds ends the episode as overlong (``Episode.overlong``, truncated, a failure).
+
 Faults: an exception or a time-out in ``reset``/``step`` ends that episode as a failure with ``error`` set (unless
 ``raise_on_error``); the other episodes go on. An environment returning a malformed result raises
 :class:`EnvironmentProtocolError` naming the environment and what it returned.
@@ -35,8 +41,11 @@ import gymnasium
 
 from .context import (
     MALFORMED_ACTION_NOTE,
+    MEMORY_SPAN_OFFSET,
     ContextPolicy,
     FullContext,
+    Memory,
+    MemoryContext,
     TurnHistory,
     first_user_message,
 )
@@ -121,6 +130,11 @@ class Episode(Segment):
     admissible_actions: list[str] | None = None  # info["admissible_actions"] of the latest observation
     malformed_actions: int = 0  # react answers without a well-formed action tag
     env_observation: str = ""  # the environment's latest observation (a malformed answer's reminder is not one)
+    findings: list[str] = field(default_factory=list)  # findings[t]: the finding turn t's answer carried ("" if none)
+    turn_segments: list[int] = field(default_factory=list)  # turn_segments[t]: the segment turn t was generated in
+    memories: list[Memory] = field(default_factory=list)  # what the policy wrote at each rebuild (memory contexts)
+    memory_pending: bool = False  # the next generation is a memory (a summary or a selection), not an action
+    overlong: bool = False  # ended at a budget boundary after env_max_rebuilds rebuilds (memory contexts)
 
     def segments(self) -> list[Segment]:
         """Every segment of the episode, in order (the current one last)."""
@@ -137,7 +151,15 @@ class Episode(Segment):
 
     def history(self, prompt: Any) -> TurnHistory:
         """The episode so far in text, for a context policy."""
-        return TurnHistory(prompt, list(self.observations), list(self.actions), self.task, self.admissible_actions)
+        return TurnHistory(prompt, list(self.observations), list(self.actions), self.task, self.admissible_actions,
+                           list(self.findings), list(self.memories))
+
+    def records(self) -> list[dict]:
+        """Every turn as a source-indexed record: ``turn`` (0-based id), ``action``, ``finding`` and ``segment`` (the
+        index of the segment it was generated in), oldest first."""
+        return [{"turn": t, "action": action, "finding": self.findings[t] if t < len(self.findings) else "",
+                 "segment": self.turn_segments[t] if t < len(self.turn_segments) else 0}
+                for t, action in enumerate(self.actions)]
 
     @property
     def episode_return(self) -> float:
@@ -159,6 +181,18 @@ class Episode(Segment):
         self.token_entropy.extend(list(entropies) if entropies is not None else [0.0] * len(tokens))
         self.token_logprobs.extend(list(logprobs) if logprobs is not None else [float("nan")] * len(tokens))
         self.actions.append(text)
+
+    def append_memory(self, tokens: Sequence[int], entropies: Sequence[float] | None,
+                      logprobs: Sequence[float] | None = None) -> int:
+        """Append one generated memory (a summary or a selection: a whole span, not a turn); returns its span id,
+        ``MEMORY_SPAN_OFFSET + k`` for the episode's ``k``-th memory."""
+        span = MEMORY_SPAN_OFFSET + len(self.memories)
+        self.completion_ids.extend(tokens)
+        self.env_mask.extend([1] * len(tokens))
+        self.span_ids.extend([span] * len(tokens))
+        self.token_entropy.extend(list(entropies) if entropies is not None else [0.0] * len(tokens))
+        self.token_logprobs.extend(list(logprobs) if logprobs is not None else [float("nan")] * len(tokens))
+        return span
 
     def append_observation(self, tokens: Sequence[int]) -> None:
         """Append observation tokens (attended to, out of the loss)."""
@@ -393,6 +427,34 @@ class EnvRunner:
         """A new segment's prompt for the turn about to be played, as the context policy writes it."""
         return self.renderer.messages_ids(self.context.messages(history))
 
+    def _request_memory(self, episode: Episode, history: TurnHistory, observation: str, ended_with_eos: bool,
+                        remaining: int) -> None:
+        """A budget boundary of a memory context: end the episode as overlong when it has used all its rebuilds;
+        otherwise append the memory request (the new observation and the request) so that the next generation
+        writes the memory."""
+        if len(episode.memories) >= self.context.max_rebuilds:
+            episode.overlong, episode.truncated, episode.done = True, True, True
+            return
+        request_ids = self.renderer.observation_ids(self.context.memory_request(history), ended_with_eos)
+        if len(request_ids) >= remaining:
+            episode.truncated, episode.done = True, True  # the request does not fit: a failure
+            return
+        episode.observations.append(observation)
+        episode.append_observation(request_ids)
+        episode.memory_pending = True
+
+    def _rebuild(self, episode: Episode, text: str, num_tokens: int, prompt: Any) -> None:
+        """Read the memory just generated and start the next segment from the prompt the policy rebuilds."""
+        memory = self.context.read_memory(text, episode.history(prompt))
+        memory.num_tokens = num_tokens
+        episode.memories.append(memory)
+        episode.memory_pending = False
+        prompt_ids = self._segment_prompt_ids(episode.history(prompt))
+        if not self.limits.prompt_fits(prompt_ids):
+            episode.truncated, episode.done = True, True  # the rebuilt prompt is over its budget
+            return
+        episode.start_segment(prompt_ids)
+
     def _environments(self, count: int) -> list[Any]:
         while len(self._pool) < count:
             self._pool.append(self.env_factory())
@@ -468,6 +530,12 @@ class EnvRunner:
             for i in active:
                 episode = episodes[i]
                 remaining = limits.max_completion_length - len(episode.completion_ids)
+                if episode.memory_pending:  # a budget boundary: this generation is the memory
+                    if remaining < 1:
+                        episode.truncated, episode.done = True, True
+                        continue
+                    budgets[i] = min(self.context.memory_max_tokens, remaining)
+                    continue
                 if episode.num_turns >= limits.max_turns or remaining < 1:
                     episode.truncated, episode.done = True, True
                     continue
@@ -486,16 +554,26 @@ class EnvRunner:
             logprobs = generated[2] if len(generated) > 2 else None
             actions = {}
             prompt_format = self.context.prompt_format
+            split_answer = getattr(self.context, "split_answer", lambda answer: (answer, None))
             for k, i in enumerate(order):
                 turn_tokens = list(tokens[k])[: budgets[i]]
                 turn_entropy = None if entropies is None else list(entropies[k])[: len(turn_tokens)]
                 turn_logprobs = None if logprobs is None else list(logprobs[k])[: len(turn_tokens)]
                 text = self.renderer.action_text(turn_tokens)
-                action = prompt_format.parse_action(text)
-                episodes[i].append_action(turn_tokens, turn_entropy, text if action is None else action, turn_logprobs)
+                episode = episodes[i]
+                if episode.memory_pending:  # the memory: read it, then start the next segment from a rebuilt prompt
+                    episode.append_memory(turn_tokens, turn_entropy, turn_logprobs)
+                    self._rebuild(episode, text, len(turn_tokens), prompts[i])
+                    continue
+                answer, finding = split_answer(text)
+                action = prompt_format.parse_action(answer)
+                episode.turn_segments.append(len(episode.closed_segments))
+                episode.findings.append(finding or "")
+                episode.append_action(turn_tokens, turn_entropy, text if action is None else action, turn_logprobs)
                 actions[i] = (action, bool(turn_tokens) and turn_tokens[-1] in self.renderer.eos_token_ids)
+            order = [i for i in order if i in actions]  # the episodes that played a turn (not a memory)
             if not order:
-                continue  # this process is done; it joined the collective generate call for the others
+                continue  # this process is done (it joined the collective generate call), or only memories were due
 
             stepped = [i for i in order if actions[i][0] is not None]
             results = dict(zip(stepped, call_all([lambda e=envs[i], a=actions[i][0]: e.step(a) for i in stepped],
@@ -545,6 +623,10 @@ class EnvRunner:
                     continue
                 observation_ids = self.renderer.observation_ids(self.context.observation_text(history), actions[i][1])
                 remaining = limits.max_completion_length - len(episode.completion_ids)
+                if isinstance(self.context, MemoryContext) and self.context.over_budget(
+                        len(episode.prompt_ids) + len(episode.completion_ids) + len(observation_ids)):
+                    self._request_memory(episode, history, observation, actions[i][1], remaining)
+                    continue
                 if len(observation_ids) >= remaining:
                     episode.truncated, episode.done = True, True  # the observation does not fit: a failure
                     continue

@@ -39,8 +39,17 @@ from .callbacks import (
     SuccessProgressCallback,
     trajectory_records,
 )
-from .config import AEMGRPOConfig
-from .context import make_context_policy
+from .config import SEGMENT_CONTEXTS, AEMGRPOConfig
+from .context import MEMORY_SPAN_OFFSET, context_policy_from_args
+from .credit import (
+    anchor_state_ids,
+    discounted_returns,
+    echo_credit_mask,
+    gigpo_advantages,
+    gigpo_step_advantages,
+    mask_overlong,
+    positive_part,
+)
 from .generation import (
     GenerationEntropyRecorder,
     causal_lm_module,
@@ -95,7 +104,10 @@ class AEMGRPOTrainer(GRPOTrainer):
     Metrics (logged through TRL, so wandb, trackio and tensorboard all get them): ``aem/alpha_mean``,
     ``aem/alpha_std``, ``aem/alpha_min``, ``aem/alpha_max``, ``aem/alpha_p10``/``p50``/``p90`` (quantiles over
     spans), ``aem/gated_frac``, ``aem/response_entropy_mean``, ``aem/neg_adv_frac``, ``aem/nonfinite_entropy_spans``;
-    with ``env=``, per-turn ``aem/turn{k}/*`` and ``env/*``.
+    with ``env=``, per-turn ``aem/turn{k}/*`` and ``env/*``; with the memory contexts and ``env_credit``
+    (``env_context="summary"``/``"echo"``, ECHO's and GiGPO's credit, ``docs/credit.md``) also
+    ``env/rebuilds_per_episode``, ``env/overlong_frac``, ``env/summary_tokens_mean``, ``env/selected_turns_mean``,
+    ``env/findings_frac``, ``credit/credited_token_frac`` and ``credit/step_group_size_*``.
 
     Reporting: PNG plots in ``<output_dir>/plots/`` (``args.aem_plots``, :class:`~trl_aem.callbacks.AEMPlotCallback`);
     on the console a progress bar with loss, episode success (or reward), entropy and alpha std, and a one-line
@@ -166,13 +178,12 @@ class AEMGRPOTrainer(GRPOTrainer):
                 num_workers=self.args.env_num_workers,
                 timeout=self.args.env_timeout,
                 raise_on_error=self.args.env_raise_on_error,
-                context=make_context_policy(self.args.env_context, self.args.env_history_turns,
-                                            self.args.env_prompt_format),
+                context=context_policy_from_args(self.args),
                 invalid_action_penalty=self.args.env_invalid_action_penalty,
             )
             self.rollout_func = self._env_rollout
-        #: With env= and env_context="window": every turn is one training row (a segment).
-        self._env_window = env is not None and self.args.env_context == "window"
+        #: With env= and a segment context ("window", "summary", "echo"): every segment is one training row.
+        self._env_window = env is not None and self.args.env_context in SEGMENT_CONTEXTS
         if self._env_window and self.args.env_rows_per_forward is not None:
             self._check_loss_parts()
         self._env_rows: list[dict] | None = None
@@ -333,11 +344,12 @@ class AEMGRPOTrainer(GRPOTrainer):
         finally:
             self._aem_capture_old_pass = False
         self._env_log_metrics(inputs)
-        row_episode = None
+        row_episode, credit_mask = None, None
         if self._env_window:
             output, span_ids, row_episode = self._env_segment_batch(inputs, output)
+            output, credit_mask = self._env_credit(inputs, output, span_ids, row_episode)
         if not self.args.use_aem:
-            return output
+            return self._env_apply_credit_mask(output, credit_mask)
         token_entropy = self._aem_collect_token_entropy(output)
         if self._env_window:
             pass  # span_ids: the turn index of every generated token of every segment row
@@ -352,7 +364,117 @@ class AEMGRPOTrainer(GRPOTrainer):
             failed = failed[row_episode]
         output["advantages"] = self._aem_modulate(output, token_entropy, span_ids=span_ids, excluded_rows=failed,
                                                   row_episode=row_episode, num_episodes=len(inputs))
+        return self._env_apply_credit_mask(output, credit_mask)
+
+    # ------------------------------------------------------------------ credit over segment rows (ECHO, SUPO, GiGPO)
+    def _env_credit(self, inputs: list[dict], output: dict[str, Any], span_ids: torch.Tensor,
+                    row_episode: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The per-row advantages and token mask of ``env_credit`` (``trl_aem.credit``), before AEM.
+
+        GiGPO (``"gigpo"``) adds ``env_gigpo_omega`` times the step-level advantage to every row (one step each);
+        overlong episodes (out of rebuilds) get advantage 0; with ``env_positive_only`` only the positive part is
+        kept. Returns the batch and, for ``"echo"``, the ``(M, T)`` bool mask of credited tokens, which
+        :meth:`_env_apply_credit_mask` applies after AEM (so that AEM's alphas are computed over all spans).
+        """
+        mode = "train" if self.model.training else "eval"
+        method = self.args.env_credit_method
+        episodes = [row["env_episode"] for row in inputs]
+        advantages = output["advantages"]
+        if method == "gigpo":
+            advantages = self._gigpo_row_advantages(inputs, advantages, span_ids, row_episode, mode)
+        overlong = torch.tensor([e.overlong for e in episodes], dtype=torch.bool, device=advantages.device)
+        if bool(overlong.any()):
+            advantages = mask_overlong(advantages, overlong[row_episode])
+        if self.args.env_positive_only:
+            advantages = positive_part(advantages)
+        output["advantages"] = advantages
+        self._env_memory_metrics(mode, episodes)
+        if method != "echo":
+            return output, None
+        final_row = torch.ones_like(row_episode, dtype=torch.bool)
+        final_row[:-1] = row_episode[:-1] != row_episode[1:]  # rows are grouped by episode, segments in order
+        pairs = []
+        for index, episode in enumerate(episodes):
+            if episode.memories:
+                last = len(episode.memories) - 1
+                pairs += [(index, turn) for turn in episode.memories[last].selected or []]
+                pairs.append((index, MEMORY_SPAN_OFFSET + last))
+        credited = torch.tensor(pairs, dtype=torch.long, device=span_ids.device).reshape(-1, 2)
+        mask = echo_credit_mask(span_ids, row_episode, final_row, credited)
+        generated = loss_mask_of(output).bool()
+        totals = self.accelerator.gather(torch.tensor([float((mask & generated).sum()), float(generated.sum())],
+                                                      device=advantages.device)).view(-1, 2).sum(0)
+        self._metrics[mode]["credit/credited_token_frac"].append((totals[0] / totals[1].clamp(min=1)).item())
+        return output, mask
+
+    def _env_apply_credit_mask(self, output: dict[str, Any], credit_mask: torch.Tensor | None) -> dict[str, Any]:
+        """Take the uncredited tokens out of the loss (``tool_mask``, so out of the loss's normaliser too)."""
+        if credit_mask is None:
+            return output
+        output["tool_mask"] = output["tool_mask"] * credit_mask.to(output["tool_mask"].dtype)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask_of(output).sum()).sum()
         return output
+
+    def _gigpo_row_advantages(self, inputs: list[dict], advantages: torch.Tensor, span_ids: torch.Tensor,
+                              row_episode: torch.Tensor, mode: str) -> torch.Tensor:
+        """GiGPO on window rows (one step each): episode advantage + omega x step advantage over anchor states,
+        step groups gathered over processes (a task's episodes may sit on several)."""
+        device = advantages.device
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        rank, num_episodes = self.accelerator.process_index, len(inputs)
+        row_turn = span_ids.masked_fill(span_ids >= MEMORY_SPAN_OFFSET, -1).max(dim=1).values.tolist()
+        rewards, states, valid = [], [], []
+        for row, (episode_index, turn) in enumerate(zip(row_episode.tolist(), row_turn)):
+            episode = inputs[episode_index]["env_episode"]
+            ok = episode.error is None and 0 <= turn < len(episode.rewards) and turn < len(episode.observations)
+            valid.append(ok)
+            rewards.append(float(episode.rewards[turn]) if ok else float("nan"))
+            states.append(episode.observations[turn] if ok else "")
+        returns = discounted_returns(torch.tensor(rewards, dtype=torch.float64), row_episode.cpu(),
+                                     torch.tensor([max(t, 0) for t in row_turn]), self.args.env_gigpo_gamma)
+        returns = torch.where(torch.tensor(valid), returns, torch.full_like(returns, float("nan")))
+        group = torch.div(row_episode.cpu() + rank * num_episodes, num_generations, rounding_mode="floor")
+        local = torch.stack([returns, group.double(), anchor_state_ids(states).double(),
+                             torch.full_like(returns, float(rank)), torch.ones_like(returns)], dim=1).to(device)
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local.reshape(-1, 5), dim=0))
+        gathered = gathered[gathered[:, 4] > 0]
+        step_advantage, size = gigpo_step_advantages(gathered[:, 0], gathered[:, 1].long(), gathered[:, 2].long(),
+                                                     scale=self.args.env_gigpo_step_scale)
+        metrics = self._metrics[mode]
+        counted = size > 0
+        if counted.any():
+            metrics["credit/step_group_size_mean"].append(size[counted].double().mean().item())
+            metrics["credit/step_group_size_max"].append(float(size[counted].max().item()))
+            metrics["credit/step_shared_frac"].append((size[counted] > 1).double().mean().item())
+            metrics["credit/step_adv_std"].append(step_advantage[counted].double().std(unbiased=False).item())
+        mine = step_advantage[gathered[:, 3].long() == rank].to(device=device, dtype=advantages.dtype)
+        return gigpo_advantages(advantages, mine, self.args.env_gigpo_omega)
+
+    def _env_memory_metrics(self, mode: str, episodes: list) -> None:
+        """``env/rebuilds_per_episode``, ``env/overlong_frac`` and, per context, ``env/summary_tokens_mean`` or
+        ``env/selected_turns_mean``, ``env/selection_tokens_mean`` and ``env/findings_frac``, over all processes."""
+        if self.args.env_context not in ("summary", "echo"):
+            return
+        memories = [m for e in episodes for m in e.memories]
+        turns = sum(e.num_turns for e in episodes)
+        local = torch.tensor([float(len(episodes)), float(sum(len(e.memories) for e in episodes)),
+                              float(sum(e.overlong for e in episodes)), float(len(memories)),
+                              float(sum(m.num_tokens for m in memories)),
+                              float(sum(len(m.selected or []) for m in memories)), float(turns),
+                              float(sum(bool(f) for e in episodes for f in e.findings))],
+                             dtype=torch.float64, device=self.accelerator.device)
+        totals = self.accelerator.gather(local).view(-1, local.numel()).sum(0).tolist()
+        count, rebuilds, overlong, num_memories, memory_tokens, selected, num_turns, findings = totals
+        metrics = self._metrics[mode]
+        metrics["env/rebuilds_per_episode"].append(rebuilds / max(count, 1.0))
+        metrics["env/overlong_frac"].append(overlong / max(count, 1.0))
+        if num_memories:
+            name = "summary" if self.args.env_context == "summary" else "selection"
+            metrics[f"env/{name}_tokens_mean"].append(memory_tokens / num_memories)
+            if self.args.env_context == "echo":
+                metrics["env/selected_turns_mean"].append(selected / num_memories)
+        if self.args.env_context == "echo":
+            metrics["env/findings_frac"].append(findings / max(num_turns, 1.0))
 
     # ------------------------------------------------------------------ windowed context: segment rows
     def _env_segment_batch(self, inputs: list[dict], output: dict[str, Any]):
@@ -818,7 +940,9 @@ class AEMGRPOTrainer(GRPOTrainer):
             pad = self._tokenizer.pad_token_id
             return dict(fields, prompt_ids=[[pad] for _ in episodes], completion_ids=[[eos] for _ in episodes],
                         logprobs=None, env_mask=[[0] for _ in episodes], aem_span_ids=[[-1] for _ in episodes],
-                        env_segments=[e.segments() for e in episodes])
+                        env_segments=[e.segments() for e in episodes], env_episode=list(episodes),
+                        env_rebuilds=[len(e.memories) for e in episodes],
+                        env_overlong=[bool(e.overlong) for e in episodes])
         completion_ids, env_mask, span_ids, logprobs = [], [], [], []
         for episode in episodes:
             if episode.completion_ids:

@@ -72,13 +72,14 @@ _ENTRY_POINTS: dict[str, str] = {
     "trl_aem/Household-v0": "trl_aem.envs.household:Household",
     "trl_aem/Shop-v0": "trl_aem.envs.shop:Shop",
     "trl_aem/CodeBreaker-v0": "trl_aem.envs.codebreaker:CodeBreaker",
+    "trl_aem/ClueRooms-v0": "trl_aem.envs.clues:ClueRooms",
     # real third-party environments (optional extras, imported when an episode first starts)
     "trl_aem/TextWorld-v0": "trl_aem.envs.textworld_env:TextWorldEnv",
+    "trl_aem/MiniSWE-v0": "trl_aem.envs.miniswe:MiniSWE",
+    "trl_aem/OpenEnv-v0": "trl_aem.envs.openenv_env:OpenEnvTextEnv",
     "trl_aem/ALFWorld-v0": "trl_aem.envs.alfworld_env:ALFWorldEnv",
     "trl_aem/ScienceWorld-v0": "trl_aem.envs.scienceworld_env:ScienceWorldEnv",
     "trl_aem/TextArena-v0": "trl_aem.envs.textarena_env:TextArenaEnv",
-    "trl_aem/MiniSWE-v0": "trl_aem.envs.miniswe:MiniSWE",
-    "trl_aem/OpenEnv-v0": "trl_aem.envs.openenv_env:OpenEnvTextEnv",
 }
 
 _CLASSES: dict[str, type[TextEnv]] = {

@@ -33,7 +33,7 @@ from trl import TrlParser  # noqa: E402
 
 from ..agents import DEFAULT_PROMPT, EvalResult, evaluate  # noqa: E402
 from ..config import parse_env_kwargs  # noqa: E402
-from ..context import make_context_policy  # noqa: E402
+from ..context import context_policy_from_args  # noqa: E402
 from ..envs import resolve_env_id  # noqa: E402
 from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
 from . import quiet_known_noise, usage_error  # noqa: E402
@@ -104,9 +104,15 @@ class EvalArguments:
     prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "Instruction before the first observation."})
     env_system_prompt: str | None = field(default=None, metadata={"help": "System message before the prompt."})
     env_context: str = field(
-        default="full", metadata={"help": "What the model sees per turn, as in training: full or window."})
+        default="full", metadata={"help": "What the model sees per turn, as in training: full, window, summary or echo."})
     env_history_turns: int = field(
         default=2, metadata={"help": "With env_context=window: earlier observation/action pairs per prompt."})
+    env_context_budget: int | None = field(
+        default=None, metadata={"help": "With env_context=summary/echo: tokens that trigger a rebuild, as in training."})
+    env_memory_max_tokens: int = field(default=64, metadata={"help": "Most tokens of one summary or selection."})
+    env_max_rebuilds: int = field(default=5, metadata={"help": "Most rebuilds per episode (summary/echo)."})
+    env_echo_recent_turns: int = field(
+        default=3, metadata={"help": "With env_context=echo: recent turns every rebuilt prompt shows in full."})
     env_prompt_format: str = field(default="chat", metadata={"help": "chat or react, as in training."})
     env_invalid_action_penalty: float = field(
         default=0.1, metadata={"help": "With env_prompt_format=react: reward -penalty for a malformed answer."})
@@ -125,7 +131,7 @@ class EvalArguments:
                      "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        make_context_policy(self.env_context, self.env_history_turns, self.env_prompt_format)  # names a bad field
+        context_policy_from_args(self)  # names a bad field
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -216,7 +222,7 @@ def run_eval(args: EvalArguments) -> EvalResult:
         seed_offset=args.seed_offset, env_kwargs=args.env_kwargs, greedy=args.greedy, temperature=args.temperature,
         max_turns=args.env_max_turns, max_new_tokens_per_turn=args.env_max_new_tokens_per_turn,
         max_completion_length=args.max_completion_length, prompt=args.prompt, system_prompt=args.env_system_prompt,
-        batch_size=args.batch_size, progress=args.progress, context=args.env_context,
+        batch_size=args.batch_size, progress=args.progress, context=context_policy_from_args(args),
         history_turns=args.env_history_turns, prompt_format=args.env_prompt_format,
         invalid_action_penalty=args.env_invalid_action_penalty,
     )

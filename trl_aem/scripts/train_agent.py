@@ -58,6 +58,7 @@ from ..agents import (  # noqa: E402
 from ..config import AEMGRPOConfig, parse_env_kwargs  # noqa: E402
 from ..envs import resolve_env_id  # noqa: E402
 from ..tiny import build_agent_tokenizer, build_tiny_qwen2  # noqa: E402
+from ..context import context_policy_from_args  # noqa: E402
 from . import quiet_known_noise, usage_error  # noqa: E402
 
 #: First seed of the expert trajectories used for the warm start (apart from training and evaluation seeds).
@@ -231,7 +232,8 @@ def train(agent_args: AgentArguments, training_args: AEMGRPOConfig, model_args: 
                               max_new_tokens_per_turn=training_args.env_max_new_tokens_per_turn,
                               max_completion_length=training_args.max_completion_length,
                               prompt=agent_args.prompt, system_prompt=training_args.env_system_prompt,
-                              context=training_args.env_context, history_turns=training_args.env_history_turns,
+                              context=context_policy_from_args(training_args),
+                              history_turns=training_args.env_history_turns,
                               prompt_format=training_args.env_prompt_format,
                               invalid_action_penalty=training_args.env_invalid_action_penalty)
             results[key] = result
