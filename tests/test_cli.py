@@ -403,9 +403,11 @@ def test_python_m_trl_aem_is_the_same_command(tmp_path):
 
     assert set(envs) == set(_ENTRY_POINTS) and {"trl_aem/CodeBreaker-v0", "trl_aem/TextWorld-v0"} <= set(envs)
     assert envs["trl_aem/TextWorld-v0"]["extra"]["name"] == "textworld" and envs["trl_aem/Shop-v0"]["extra"] is None
+    assert envs["trl_aem/MiniSWE-v0"]["extra"]["name"] == "miniswe"
     for row in envs.values():  # every optional family says whether its extra is installed, truthfully
         if row["extra"] is not None:
-            assert row["extra"]["installed"] == (importlib.util.find_spec(row["extra"]["name"]) is not None)
+            modules = {"miniswe": ("pytest", "pyseccomp")}.get(row["extra"]["name"], (row["extra"]["name"],))
+            assert row["extra"]["installed"] == all(importlib.util.find_spec(m) is not None for m in modules)
     assert envs["trl_aem/CodeBreaker-v0"]["easiest"] == {"code_length": 1, "num_symbols": 3, "max_guesses": 3}
     knobs = envs["trl_aem/CodeBreaker-v0"]["env_kwargs"]
     assert {"code_length", "num_symbols", "max_guesses", "feedback"} <= set(knobs)

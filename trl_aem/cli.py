@@ -239,7 +239,8 @@ def run_eval(argv: Sequence[str], prog: str = "trl-aem eval") -> int:
 
 # ------------------------------------------------------------------------------------------------------------- env
 def list_envs() -> list[dict]:
-    """The registered ``trl_aem/*`` gymnasium ids with their class, knobs (constructor defaults) and easiest preset."""
+    """The registered ``trl_aem/*`` gymnasium ids with their class, knobs (constructor defaults), easiest preset and
+    optional extra (its name, and whether the modules it installs, ``EXTRA_MODULES`` or the extra's name, import)."""
     import gymnasium
 
     import importlib.util
@@ -256,7 +257,8 @@ def list_envs() -> list[dict]:
                      "summary": " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].replace("``", "").split()),
                      "env_kwargs": knobs, "easiest": dict(getattr(cls, "EASIEST", {})),
                      "extra": None if extra is None else {
-                         "name": extra, "installed": importlib.util.find_spec(extra) is not None}})
+                         "name": extra, "installed": all(importlib.util.find_spec(module) is not None
+                                                         for module in getattr(cls, "EXTRA_MODULES", (extra,)))}})
     return rows
 
 

@@ -460,7 +460,9 @@ class MiniSWE(TextEnv):
     """
 
     TASK_KEY: ClassVar[str] = "task"
-    EXTRA: ClassVar[str | None] = None
+    EXTRA: ClassVar[str | None] = "miniswe"
+    #: What the ``miniswe`` extra installs: pytest (the episodes' test runner) and pyseccomp (the sandbox's filter).
+    EXTRA_MODULES: ClassVar[tuple[str, ...]] = ("pytest", "pyseccomp")
     EASIEST: ClassVar[dict[str, Any]] = {"num_functions": 2, "num_bugs": 1, "show_failing_tests": True}
     MAX_OBSERVATION_CHARS: ClassVar[int] = 100_000
     MAX_ACTION_CHARS: ClassVar[int] = 100_000
