@@ -4,7 +4,7 @@ fixed seed, every metric it logs after the checkpoint (loss, rewards, env and AE
 learning rate) equals, exactly, what an uninterrupted run logs, and so do the final weights.
 
 Exact equality is expected, not a tolerance: both runs do the same floating-point operations in the same order on
-the same CPU kernels (same seed, same thread count, same data order from the sampler's seed, the same task seeds from
+the same CPU kernels (same seed, one thread each, same data order from the sampler's seed, the same task seeds from
 the dataset's `seed` column, the random states, optimizer and scheduler restored from the checkpoint). The
 environment (tests/scripts/killable_env.py) blocks in the first reset of step 3, after checkpoint-2 was written,
 so the kill lands in the middle of step 3's rollout."""
@@ -42,7 +42,10 @@ TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_
 
 def _start(output_dir: Path, *extra: str, block_at: int | None = None, marker: Path | None = None):
     path = os.pathsep.join([str(ROOT / "tests" / "scripts"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    # One thread each: with several, MKL may use fewer than asked when the machine is busy (MKL_DYNAMIC), which
+    # changes the order of floating-point sums and, in the last bit, the metrics (seen under load in the full suite).
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_DYNAMIC="FALSE")
     if block_at is not None:
         env.update(KILLABLE_ENV_BLOCK_AT=str(block_at), KILLABLE_ENV_MARKER=str(marker))
     with open(output_dir.parent / f"{output_dir.name}.log", "a") as log:  # the child keeps its own copy
