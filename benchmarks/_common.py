@@ -98,3 +98,27 @@ def resolve_sizes(parser, opts, defaults: dict, quick: dict, minimum: dict | Non
             parser.error(f"--{key.replace('_', '-')} must be >= {least}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+
+
+def step_clock():
+    """A ``TrainerCallback`` whose ``times`` maps each optimizer step number to its wall time in seconds (generation,
+    scoring, loss, backward and the optimizer step), for the learning benchmarks' per-step logs."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Wall time of every optimizer step."""
+
+        def __init__(self):
+            self.times: dict[int, float] = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            """Start the step's clock."""
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            """Stop it (right after the optimizer step) and record the time under the step number."""
+            self.times[state.global_step] = time.perf_counter() - self.start
+
+    return StepClock()

@@ -310,23 +310,11 @@ def warm_start_job(seed: int, opts: dict, path: str) -> dict:
 def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
     """Train one arm from the seed's warm start; per-step logs and the final evaluation."""
     torch.set_num_threads(1)
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
+
+    from _common import step_clock
 
     from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, make_env_dataset
-
-    class StepClock(TrainerCallback):
-        """Wall time of every optimizer step."""
-
-        def __init__(self):
-            self.times: dict[int, float] = {}
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            """Start the clock."""
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            """Record the step's time."""
-            self.times[state.global_step] = time.perf_counter() - self.start
 
     tokenizer = _tokenizer()
     model = _model(tokenizer, seed, opts["hidden_size"])
@@ -344,7 +332,7 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
             aem_lambda=1.0 if arm.aem else 0.0, aem_min_entropy_range=0.1,
             **context_options(arm.context, opts), **arm.extra,
         )
-        clock = StepClock()
+        clock = step_clock()
         trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=ENV_ID,
                                  train_dataset=make_env_dataset(opts["steps"] * opts["tasks_per_step"]),
                                  callbacks=[clock])
