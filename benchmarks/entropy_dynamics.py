@@ -4,13 +4,16 @@
     python benchmarks/entropy_dynamics.py --out DIR --resume                             # finish an interrupted run
     python benchmarks/entropy_dynamics.py --report-only benchmarks/results/entropy_dynamics   # re-read, no training
     python benchmarks/entropy_dynamics.py --quick                                         # smoke run
+    python benchmarks/entropy_dynamics.py --task textworld --out benchmarks/results/entropy_dynamics_textworld
 
 Part 3 of issue 15. The protocol is ``benchmarks/learning.py``'s (its jobs are imported, not copied): per seed a tiny
 Qwen2 built in code, a short supervised warm start shared by every arm of that seed, then ``--steps`` RL steps of
 ``--tasks-per-step`` tasks x G = 8 episodes on ``trl_aem/CodeBreaker-v0`` (one symbol out of 3, 3 guesses),
 ``num_iterations=2``, learning rate 1e-3, ``beta=0``, ``scale_rewards="batch"``, temperature 1; evaluation on the
-same 200 held-out tasks for every arm of a seed. Arms: GRPO (``aem_lambda=0``, bit-identical to GRPO), AEM-GRPO
-(lambda 1, gate 0.1, group scope) and AEM-GRPO with ``aem_direction="reverse"`` and ``"shuffle"``.
+same 200 held-out tasks for every arm of a seed. ``--task textworld`` runs TextWorld's coin collector instead
+(level 2, 3 commands per episode, where a random admissible command wins 12.5%): 80 steps, a 40-step warm start on
+48 walkthroughs, 64 held-out games of the evaluation split. Arms: GRPO (``aem_lambda=0``, bit-identical to GRPO),
+AEM-GRPO (lambda 1, gate 0.1, group scope) and AEM-GRPO with ``aem_direction="reverse"`` and ``"shuffle"``.
 
 Results are appended to ``steps.csv`` and ``final.csv`` after every finished (arm, seed) run, so an interrupted run
 keeps what it finished and ``--resume`` runs only the rest.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -57,6 +61,18 @@ COMPARISONS = (("AEM-GRPO", "GRPO"), ("AEM-GRPO reverse", "GRPO"), ("AEM-GRPO sh
                ("AEM-GRPO", "AEM-GRPO reverse"), ("AEM-GRPO", "AEM-GRPO shuffle"))
 DEFAULT = dict(seeds=10, steps=40, tasks_per_step=4, num_generations=8, sft_steps=8, eval_tasks=200)
 QUICK = dict(seeds=2, steps=3, tasks_per_step=2, num_generations=4, sft_steps=4, eval_tasks=8)
+#: TextWorld's coin collector at level 2 (the coin is in the next room; the objective says which way; the
+#: walkthrough is 2 commands) with 3 commands per episode, so that a random admissible command rarely wins.
+#: Evaluation plays the ``split="eval"`` games (odd game seeds), training and the warm start train-split games.
+TEXTWORLD = learning.Task("textworld", "trl_aem/TextWorld-v0",
+                          {"challenge": "tw-coin_collector", "settings": {"level": 2}, "max_steps": 3},
+                          max_turns=3, tokens_per_turn=4, max_completion_length=512,
+                          expert_seeds=range(1_000_000, 1_000_048), eval_env_kwargs={"split": "eval"})
+TW_DEFAULT = dict(seeds=10, steps=80, tasks_per_step=4, num_generations=8, sft_steps=40, eval_tasks=64,
+                  expert_tasks=48)
+TW_QUICK = dict(seeds=1, steps=2, tasks_per_step=1, num_generations=4, sft_steps=2, eval_tasks=4, expert_tasks=4)
+#: Per task: (the task, the full run's settings, --quick's).
+TASKS = {"codebreaker": (learning.CODEBREAKER, DEFAULT, QUICK), "textworld": (TEXTWORLD, TW_DEFAULT, TW_QUICK)}
 COLLAPSE_FRACTION = 0.5
 FAILED_BELOW = 0.05  # a run whose final success is below this ended in failure
 COLLAPSE_SMOOTH = 3
@@ -262,19 +278,26 @@ def _pct(x: float) -> str:
 def report(result: dict, run: dict) -> str:
     """dynamics.md: the tables and the power statement."""
     opts = run["options"]
-    lines = [f"# Entropy dynamics and learning: {', '.join(result['arms'])} x {len(result['seeds'])} seeds",
-             "",
-             f"Command: `{run['command']}`; {opts['steps']} RL steps of {opts['tasks_per_step']} tasks x "
-             f"G = {opts['num_generations']}, num_iterations {opts['num_iterations']}, lr {opts['learning_rate']}, "
-             f"warm start {opts['sft_steps']} SFT steps, evaluation on {opts['eval_tasks']} held-out tasks "
-             f"(sampled, temperature 1). Wall time {run.get('wall_time_s', float('nan')):.0f} s on {run['cpu']}."
-             + (f" Seeds {result['incomplete_seeds_left_out']} did not finish every arm and are left out."
-                if result["incomplete_seeds_left_out"] else ""),
-             "",
-             "## Final success (95% t interval over seeds)",
-             "",
-             "| arm | mean | 95% CI | std | per seed |",
-             "|---|---|---|---|---|"]
+    task, base = run.get("task"), run.get("baselines")
+    lines = [f"# Entropy dynamics and learning{' on ' + task['name'] if task else ''}: {', '.join(result['arms'])} "
+             f"x {len(result['seeds'])} seeds", ""]
+    if task and base:  # runs before the task was recorded are CodeBreaker's
+        lines += [f"Task: `{task['env_id']}` {task['env_kwargs']}, at most {task['max_turns']} turns of "
+                  f"{task['tokens_per_turn']} tokens; evaluation env kwargs {task['eval_env_kwargs'] or 'the same'}, "
+                  f"seeds {task['eval_seed_offset']}... On the {opts['eval_tasks']} evaluation tasks a random "
+                  f"admissible action succeeds {base['random']:.1%}, the expert (walkthrough) {base['expert']:.1%}.",
+                  ""]
+    lines += [f"Command: `{run['command']}`; {opts['steps']} RL steps of {opts['tasks_per_step']} tasks x "
+              f"G = {opts['num_generations']}, num_iterations {opts['num_iterations']}, lr {opts['learning_rate']}, "
+              f"warm start {opts['sft_steps']} SFT steps, evaluation on {opts['eval_tasks']} held-out tasks "
+              f"(sampled, temperature 1). Wall time {run.get('wall_time_s', float('nan')):.0f} s on {run['cpu']}."
+              + (f" Seeds {result['incomplete_seeds_left_out']} did not finish every arm and are left out."
+                 if result["incomplete_seeds_left_out"] else ""),
+              "",
+              "## Final success (95% t interval over seeds)",
+              "",
+              "| arm | mean | 95% CI | std | per seed |",
+              "|---|---|---|---|---|"]
     w = result["warm_start"]
     lines.append(f"| warm start | {w['mean']:.1%} | [{w['low']:.1%}, {w['high']:.1%}] | | |")
     for arm, s in result["success"].items():
@@ -394,7 +417,36 @@ def _append_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def run_all(out: str, opts: dict, arms, seeds: list[int], workers: int, resume: bool) -> None:
+def prepare_games(task, opts: dict) -> None:
+    """Reset the env once on every seed the run plays and build the tokenizer, in this process: TextWorld generates
+    and caches its games here, so that the workers only load them."""
+    from trl_aem.rollout import make_env_factory
+
+    eval_kwargs = {**task.env_kwargs, **task.eval_env_kwargs}
+    for kwargs, seeds in ((task.env_kwargs, range(opts["steps"] * opts["tasks_per_step"])),
+                          (task.env_kwargs, task.expert_seeds),
+                          (eval_kwargs, range(task.eval_seed_offset, task.eval_seed_offset + opts["eval_tasks"]))):
+        env = make_env_factory(task.env_id, kwargs)()
+        try:
+            for seed in seeds:
+                env.reset(seed=seed)
+        finally:
+            env.close()
+    learning._tokenizer_and_model(0, opts["hidden_size"], opts["layers"], task)
+
+
+def baselines(task, num_tasks: int) -> dict:
+    """Success of a random admissible command and of the env's expert (walkthrough) on the evaluation tasks."""
+    from trl_aem import evaluate
+
+    kwargs = {**task.env_kwargs, **task.eval_env_kwargs}
+    return {policy: evaluate(task.env_id, policy, num_tasks=num_tasks, env_kwargs=kwargs,
+                             seed_offset=task.eval_seed_offset, max_turns=task.max_turns).success_rate
+            for policy in ("random", "expert")}
+
+
+def run_all(out: str, opts: dict, arms, seeds: list[int], workers: int, resume: bool,
+            task=learning.CODEBREAKER) -> None:
     """Warm starts, then every (arm, seed) not yet in ``final.csv``; rows appended as runs finish."""
     done = {(r["arm"], int(r["seed"])) for r in _read_csv(os.path.join(out, "final.csv"))} if resume else set()
     if not resume:
@@ -404,16 +456,18 @@ def run_all(out: str, opts: dict, arms, seeds: list[int], workers: int, resume: 
     todo = [(arm, seed) for seed in seeds for arm in arms if (arm.name, seed) not in done]
     if not todo:
         return
+    prepare_games(task, opts)
     with tempfile.TemporaryDirectory() as weights_dir, ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         needed = sorted({seed for _, seed in todo})
         weights = {seed: os.path.join(weights_dir, f"seed{seed}.pt") for seed in needed}
         warm = {}
-        for future in as_completed([pool.submit(learning.warm_start_job, s, opts, weights[s]) for s in needed]):
+        for future in as_completed([pool.submit(learning.warm_start_job, s, opts, weights[s], task)
+                                    for s in needed]):
             w = future.result()
             warm[w["seed"]] = w
             print(f"[warm start] seed {w['seed']}: sampled success {w['warm_start_success']:.1%}", flush=True)
-        futures = {pool.submit(learning.train_job, arm, seed, opts, weights[seed]): (arm.name, seed)
+        futures = {pool.submit(learning.train_job, arm, seed, opts, weights[seed], task): (arm.name, seed)
                    for arm, seed in todo}
         for future in as_completed(futures):
             result = future.result()
@@ -442,10 +496,15 @@ def write_report(out: str, run: dict) -> str:
 def parse_args(argv=None):
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 3 steps, GRPO and AEM-GRPO")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1-2 seeds, 2-3 steps, GRPO and AEM-GRPO")
+    parser.add_argument("--task", choices=sorted(TASKS), default="codebreaker",
+                        help="environment and its settings (TASKS); default codebreaker")
     parser.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {DEFAULT['seeds']})")
     parser.add_argument("--steps", type=int, default=None, help=f"RL steps (default {DEFAULT['steps']})")
+    parser.add_argument("--tasks-per-step", type=int, default=None, help="tasks per RL step (x G = 8 episodes)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="supervised warm-start steps")
+    parser.add_argument("--eval-tasks", type=int, default=None, help="held-out evaluation tasks")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--arms", default=None, help="comma-separated subset of: " + ", ".join(ARM_NAMES))
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -462,12 +521,14 @@ def main(argv=None) -> int:
             run = json.load(handle)
         print(write_report(args.report_only, run))
         return 0
-    preset = QUICK if args.quick else DEFAULT
-    opts = dict(preset)
-    for key in ("seeds", "steps"):
+    task, default, quick = TASKS[args.task]
+    opts = dict(quick if args.quick else default)
+    for key in ("seeds", "steps", "tasks_per_step", "sft_steps", "eval_tasks"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     opts.update(num_iterations=2, learning_rate=args.learning_rate, hidden_size=128, layers=2)
+    if "expert_tasks" in opts:  # the first ones of the task's expert seeds
+        task = dataclasses.replace(task, expert_seeds=task.expert_seeds[:opts["expert_tasks"]])
     names = [n.strip() for n in args.arms.split(",")] if args.arms else (
         ["GRPO", "AEM-GRPO"] if args.quick else list(ARM_NAMES))
     unknown = sorted(set(names) - set(ARM_NAMES))
@@ -483,13 +544,15 @@ def main(argv=None) -> int:
             previous = json.load(handle).get("wall_time_s", 0.0)
     print(f"[entropy_dynamics] {len(arms)} arms x {opts['seeds']} seeds, {opts['steps']} steps, lr "
           f"{opts['learning_rate']}, {args.workers} workers -> {out}", flush=True)
-    run_all(out, opts, arms, list(range(opts["seeds"])), args.workers, args.resume)
+    run_all(out, opts, arms, list(range(opts["seeds"])), args.workers, args.resume, task)
     import torch
     import transformers
     import trl
 
     run = {"command": "python benchmarks/entropy_dynamics.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
+           "task": {**dataclasses.asdict(task), "expert_seeds": [task.expert_seeds.start, task.expert_seeds.stop]},
+           "baselines": baselines(task, opts["eval_tasks"]),
            "wall_time_s": round(previous + time.time() - started, 1), "cpu": learning._cpu(),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "trl": trl.__version__}

@@ -61,17 +61,34 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
 from trl_aem.envs import CodeBreaker  # noqa: E402
 
-ENV_ID = "trl_aem/CodeBreaker-v0"
-ENV_KWARGS = dict(CodeBreaker.EASIEST)  # the CPU demo's setting
-MAX_TURNS, TOKENS_PER_TURN = 3, 4
 SYSTEM_PROMPT = "you are a helpful agent ."
-EVAL_SEED_OFFSET = 100_000
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the jobs train and evaluate on: the env, its rollout limits, the warm start's expert seeds and the
+    held-out evaluation (seeds ``eval_seed_offset ...``, env kwargs updated by ``eval_env_kwargs``). The tokenizer is
+    the env's word vocabulary (``trl_aem.tiny.build_agent_tokenizer``)."""
+
+    name: str
+    env_id: str
+    env_kwargs: dict
+    max_turns: int
+    tokens_per_turn: int
+    max_completion_length: int = 64
+    expert_seeds: range = range(10_000, 10_200)
+    eval_seed_offset: int = 100_000
+    eval_env_kwargs: dict = field(default_factory=dict)
+
+
+#: The default task: CodeBreaker at the CPU demo's setting (one symbol out of 3, 3 guesses).
+CODEBREAKER = Task("codebreaker", "trl_aem/CodeBreaker-v0", dict(CodeBreaker.EASIEST), max_turns=3, tokens_per_turn=4)
 
 #: TRL options of each base method.
 BASES = {
@@ -120,27 +137,28 @@ QUICK = dict(seeds=2, steps=3, tasks_per_step=2, num_generations=4, sft_steps=4,
 
 
 # ------------------------------------------------------------------------------------------------ model and runs
-def _tokenizer_and_model(seed: int, hidden_size: int, layers: int):
+def _tokenizer_and_model(seed: int, hidden_size: int, layers: int, task: Task = CODEBREAKER):
     from trl_aem import DEFAULT_PROMPT
     from trl_aem.tiny import build_agent_tokenizer, build_tiny_qwen2
 
-    tokenizer = build_agent_tokenizer(ENV_ID, ENV_KWARGS, DEFAULT_PROMPT, SYSTEM_PROMPT)
+    tokenizer = build_agent_tokenizer(task.env_id, task.env_kwargs, DEFAULT_PROMPT, SYSTEM_PROMPT)
     model = build_tiny_qwen2(tokenizer, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, seed=seed)
     return tokenizer, model
 
 
-def _evaluate(model, tokenizer, num_tasks: int, seed: int, greedy: bool) -> float:
+def _evaluate(model, tokenizer, num_tasks: int, seed: int, greedy: bool, task: Task = CODEBREAKER) -> float:
     from trl_aem import evaluate
 
     torch.manual_seed(seed)  # same sampling noise for every arm of a seed
-    result = evaluate(ENV_ID, "model", model=model, tokenizer=tokenizer, num_tasks=num_tasks, env_kwargs=ENV_KWARGS,
-                      seed_offset=EVAL_SEED_OFFSET, system_prompt=SYSTEM_PROMPT, greedy=greedy, temperature=1.0,
-                      max_turns=MAX_TURNS, max_new_tokens_per_turn=TOKENS_PER_TURN)
+    result = evaluate(task.env_id, "model", model=model, tokenizer=tokenizer, num_tasks=num_tasks,
+                      env_kwargs={**task.env_kwargs, **task.eval_env_kwargs}, seed_offset=task.eval_seed_offset,
+                      system_prompt=SYSTEM_PROMPT, greedy=greedy, temperature=1.0, max_turns=task.max_turns,
+                      max_new_tokens_per_turn=task.tokens_per_turn)
     return result.success_rate
 
 
-def warm_start_job(seed: int, opts: dict, path: str) -> dict:
+def warm_start_job(seed: int, opts: dict, path: str, task: Task = CODEBREAKER) -> dict:
     """Build the seed's model, warm-start it on expert trajectories, save its weights to ``path``, evaluate it."""
     torch.set_num_threads(1)
     from transformers import set_seed
@@ -148,37 +166,26 @@ def warm_start_job(seed: int, opts: dict, path: str) -> dict:
     from trl_aem import expert_sft_dataset, warm_start
 
     set_seed(seed)
-    tokenizer, model = _tokenizer_and_model(seed, opts["hidden_size"], opts["layers"])
-    data = expert_sft_dataset(ENV_ID, range(10_000, 10_200), env_kwargs=ENV_KWARGS, system_prompt=SYSTEM_PROMPT)
+    tokenizer, model = _tokenizer_and_model(seed, opts["hidden_size"], opts["layers"], task)
+    data = expert_sft_dataset(task.env_id, task.expert_seeds, env_kwargs=task.env_kwargs, system_prompt=SYSTEM_PROMPT)
     with tempfile.TemporaryDirectory() as tmp:
         model = warm_start(model, tokenizer, data, max_steps=opts["sft_steps"], output_dir=tmp, seed=seed)
     torch.save(model.state_dict(), path)
-    return {"seed": seed, "warm_start_success": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=False),
-            "warm_start_greedy": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=True)}
+    return {"seed": seed,
+            "warm_start_success": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=False, task=task),
+            "warm_start_greedy": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=True, task=task)}
 
 
-def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
+def train_job(arm: Arm, seed: int, opts: dict, weights: str, task: Task = CODEBREAKER) -> dict:
     """Train one arm from the seed's warm-start weights; return per-step logs and final evaluation."""
     torch.set_num_threads(1)
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
+
+    from _common import step_clock
 
     from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, make_env_dataset
 
-    class StepClock(TrainerCallback):
-        """Wall time of every optimizer step (generation, scoring, loss, backward, optimizer)."""
-
-        def __init__(self):
-            self.times: dict[int, float] = {}
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            """Start the step's clock."""
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            """Stop it (right after the optimizer step) and record the time under the step number."""
-            self.times[state.global_step] = time.perf_counter() - self.start
-
-    tokenizer, model = _tokenizer_and_model(seed, opts["hidden_size"], opts["layers"])
+    tokenizer, model = _tokenizer_and_model(seed, opts["hidden_size"], opts["layers"], task)
     model.load_state_dict(torch.load(weights))
     set_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,13 +194,14 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
             per_device_train_batch_size=opts["tasks_per_step"] * opts["num_generations"],
             num_generations=opts["num_generations"], num_iterations=opts["num_iterations"],
             learning_rate=opts["learning_rate"], lr_scheduler_type="constant", beta=0.0, temperature=1.0,
-            scale_rewards="batch", max_completion_length=64, env_max_turns=MAX_TURNS,
-            env_max_new_tokens_per_turn=TOKENS_PER_TURN, env_system_prompt=SYSTEM_PROMPT, env_kwargs=ENV_KWARGS,
+            scale_rewards="batch", max_completion_length=task.max_completion_length, env_max_turns=task.max_turns,
+            env_max_new_tokens_per_turn=task.tokens_per_turn, env_system_prompt=SYSTEM_PROMPT,
+            env_kwargs=task.env_kwargs,
             logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, disable_tqdm=True,
             **BASES[arm.base], **arm.aem,
         )
-        clock = StepClock()
-        trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=ENV_ID,
+        clock = step_clock()
+        trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=task.env_id,
                                  train_dataset=make_env_dataset(opts["steps"] * opts["tasks_per_step"]),
                                  callbacks=[clock])
         trainer.train()
@@ -208,8 +216,8 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
         rows.append(row)
     model = trainer.model
     final = {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed,
-             "final_success": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=False),
-             "final_greedy": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=True),
+             "final_success": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=False, task=task),
+             "final_greedy": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=True, task=task),
              "train_time_s": sum(clock.times.values())}
     return {"steps": rows, "final": final}
 
@@ -228,8 +236,9 @@ def rollout_speed(opts: dict, weights: str) -> dict:
     config = GenerationConfig(do_sample=True, temperature=1.0, top_p=None, top_k=None,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     generate = make_hf_generate_fn(model, tokenizer.pad_token_id, tokenizer.eos_token_id, config, record_entropy=True)
-    runner = EnvRunner(make_env_factory(ENV_ID, ENV_KWARGS), ObservationRenderer(tokenizer, SYSTEM_PROMPT),
-                       RolloutLimits(MAX_TURNS, TOKENS_PER_TURN, 64))
+    task = CODEBREAKER
+    runner = EnvRunner(make_env_factory(task.env_id, task.env_kwargs), ObservationRenderer(tokenizer, SYSTEM_PROMPT),
+                       RolloutLimits(task.max_turns, task.tokens_per_turn, task.max_completion_length))
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]
     rows = [{"prompt": prompt, "seed": 50_000 + i} for i in range(opts["speed_episodes"])]
     result = {"episodes": len(rows), "threads": torch.get_num_threads()}

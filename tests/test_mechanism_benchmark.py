@@ -301,3 +301,51 @@ def test_quick_entropy_dynamics_run_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "final.csv").read_text().splitlines() == finals  # nothing left to run: no new rows
     assert (out / "entropy_bands.png").stat().st_size > 0 and "## Final success" in (out / "dynamics.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_entropy_dynamics_on_textworld(tmp_path):
+    """--task textworld --quick: GRPO and AEM-GRPO on TextWorld's coin collector, 1 seed, 2 steps. Games come from
+    the benchmark's game cache ($TRL_AEM_CACHE or ~/.cache/trl_aem; generated on first use, a few seconds each)."""
+    pytest.importorskip("textworld", reason='the optional extra: pip install "trl-aem[textworld]"')
+    import csv
+
+    out = tmp_path / "tw"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "entropy_dynamics.py"), "--task", "textworld",
+                           "--quick", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["task"]["env_id"] == "trl_aem/TextWorld-v0" and run["task"]["eval_env_kwargs"] == {"split": "eval"}
+    assert run["task"]["expert_seeds"] == [1_000_000, 1_000_004]
+    assert run["baselines"]["expert"] == 1.0 and 0.0 <= run["baselines"]["random"] < 1.0  # the walkthrough wins
+    with open(out / "steps.csv", newline="") as handle:
+        steps = list(csv.DictReader(handle))
+    assert {r["arm"] for r in steps} == {"GRPO", "AEM-GRPO"} and {r["seed"] for r in steps} == {"0"}
+    for r in steps:
+        assert 0.0 <= float(r["success_rate"]) <= 1.0 and float(r["span_entropy"]) > 0
+        assert float(r["step_time_s"]) > 0 and int(r["step"]) >= 1
+    alpha = {r["arm"]: float(r["alpha_mean"]) for r in steps}
+    assert alpha["GRPO"] == 1.0  # aem_lambda=0: no modulation
+    with open(out / "final.csv", newline="") as handle:
+        finals = list(csv.DictReader(handle))
+    assert sorted(r["arm"] for r in finals) == ["AEM-GRPO", "GRPO"]
+    for r in finals:
+        for key in ("final_success", "final_greedy", "warm_start_success", "warm_start_greedy"):
+            assert float(r[key]) * 4 == round(float(r[key]) * 4)  # a fraction of the 4 evaluation games
+    result = json.loads((out / "dynamics.json").read_text())
+    assert result["arms"] == ["GRPO", "AEM-GRPO"] and result["seeds"] == [0]
+    text = (out / "dynamics.md").read_text()
+    assert "on textworld" in text and "random admissible action succeeds" in text and "## Final success" in text
+    assert (out / "entropy_bands.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("folder", ["entropy_dynamics", "entropy_dynamics_textworld"])
+def test_committed_entropy_dynamics_results_recompute(dynamics, folder):
+    """The committed tables are what the committed CSVs give: docs/benchmarks.md quotes dynamics.md, and a change
+    to the statistics that moved a number would show here (no training: the analysis of the committed CSVs)."""
+    out = ROOT / "benchmarks" / "results" / folder
+    run = json.loads((out / "run.json").read_text())
+    result = dynamics.analyse(dynamics._read_csv(str(out / "steps.csv")), dynamics._read_csv(str(out / "final.csv")))
+    assert json.loads(json.dumps(result)) == json.loads((out / "dynamics.json").read_text())
+    assert dynamics.report(result, run) + "\n" == (out / "dynamics.md").read_text()
+    assert len(result["seeds"]) == 10 and not result["incomplete_seeds_left_out"]
