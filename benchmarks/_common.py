@@ -1,11 +1,15 @@
-"""Pieces both benchmarks use: the word-parity task, the padded word tokenizer, the special tokens to suppress so
-every completion has a fixed length, and the CPU's name. Imported by the scripts in this folder."""
+"""Pieces the benchmark scripts share: the word-parity task, the padded word tokenizer, the special tokens to suppress
+so every completion has a fixed length, the CPU's name, CSV writing, the exact permutation tests and a per-step clock.
+Imported by the scripts in this folder."""
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import os
 import platform
+import statistics
 
 from trl_aem.tiny import build_word_tokenizer
 
@@ -68,6 +72,45 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_label() -> str:
+    """The CPU's model name and this machine's core count, as the learning benchmarks record it."""
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Write dict rows to ``path``; the columns are the union of their keys, in first-seen order."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def permutation_p_value(a: list[float], b: list[float]) -> float:
+    """Exact two-sided permutation test of equal means (all relabelings of the pooled values; Fisher-Pitman)."""
+    pooled = list(a) + list(b)
+    observed = abs(statistics.fmean(a) - statistics.fmean(b))
+    count = total = 0
+    for chosen in itertools.combinations(range(len(pooled)), len(a)):
+        picked = set(chosen)
+        first = [pooled[i] for i in chosen]
+        second = [pooled[i] for i in range(len(pooled)) if i not in picked]
+        total += 1
+        count += abs(statistics.fmean(first) - statistics.fmean(second)) >= observed - 1e-12
+    return count / total
+
+
+def paired_sign_flip_p_value(a: list[float], b: list[float]) -> float:
+    """Exact two-sided paired permutation test: all 2^n sign flips of the per-pair differences ``a[i] - b[i]``."""
+    diffs = [x - y for x, y in zip(a, b)]
+    observed = abs(statistics.fmean(diffs))
+    count = total = 0
+    for signs in itertools.product((1, -1), repeat=len(diffs)):
+        total += 1
+        count += abs(statistics.fmean(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12
+    return count / total
+
+
 def write_json(path: str, data) -> None:
     """Write ``data`` as indented JSON to ``path``, creating its folder; print where."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -122,3 +165,24 @@ def step_clock():
             self.times[state.global_step] = time.perf_counter() - self.start
 
     return StepClock()
+
+
+def train_and_log(model, tokenizer, config, env_id: str, num_rows: int, columns: dict, identity: dict):
+    """Train ``AEMGRPOTrainer`` on ``env_id`` for ``num_rows`` dataset rows with a :func:`step_clock`; return the
+    trainer, one row per step that generated (``identity``, ``columns`` ``{csv column: logged key}`` taken from the
+    logs, and ``step_time_s``; with ``num_iterations > 1`` only generating steps log env metrics) and the total time."""
+    from trl_aem import AEMGRPOTrainer, make_env_dataset
+
+    clock = step_clock()
+    trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=env_id,
+                             train_dataset=make_env_dataset(num_rows), callbacks=[clock])
+    trainer.train()
+    rows = []
+    for entry in trainer.state.log_history:
+        if "env/success_rate" not in entry:
+            continue
+        row = {**identity, "step": entry["step"]}
+        row.update({column: entry.get(key, float("nan")) for column, key in columns.items()})
+        row["step_time_s"] = clock.times.get(entry["step"], float("nan"))
+        rows.append(row)
+    return trainer, rows, sum(clock.times.values())

@@ -52,8 +52,6 @@ import os
 import _offline  # noqa: E402,F401  (the offline environment, before transformers is imported)
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import platform  # noqa: E402
@@ -66,6 +64,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
+
+from _common import cpu_label, permutation_p_value, write_csv  # noqa: E402
 
 ENV_ID = "trl_aem/ClueRooms-v0"
 ENV_KWARGS = dict(num_rooms=5, num_colors=4, num_items=2, clue_rooms=2, filler_words=0, distractors=False,
@@ -312,9 +312,9 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
     torch.set_num_threads(1)
     from transformers import set_seed
 
-    from _common import step_clock
+    from _common import train_and_log
 
-    from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, make_env_dataset
+    from trl_aem import AEMGRPOConfig
 
     tokenizer = _tokenizer()
     model = _model(tokenizer, seed, opts["hidden_size"])
@@ -332,39 +332,16 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
             aem_lambda=1.0 if arm.aem else 0.0, aem_min_entropy_range=0.1,
             **context_options(arm.context, opts), **arm.extra,
         )
-        clock = step_clock()
-        trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=ENV_ID,
-                                 train_dataset=make_env_dataset(opts["steps"] * opts["tasks_per_step"]),
-                                 callbacks=[clock])
-        trainer.train()
-    steps = []
-    for entry in trainer.state.log_history:
-        if "env/success_rate" not in entry:
-            continue
-        row = {"arm": arm.name, "context": arm.context, "aem": int(arm.aem), "seed": seed, "step": entry["step"]}
-        row.update({column: entry.get(key, float("nan")) for column, key in STEP_COLUMNS.items()})
-        row["step_time_s"] = clock.times.get(entry["step"], float("nan"))
-        steps.append(row)
+        trainer, steps, train_time = train_and_log(
+            model, tokenizer, config, ENV_ID, opts["steps"] * opts["tasks_per_step"], STEP_COLUMNS,
+            {"arm": arm.name, "context": arm.context, "aem": int(arm.aem), "seed": seed})
     final = evaluate(trainer.model, tokenizer, arm.context, opts, seed)
     return {"steps": steps, "final": {"arm": arm.name, "context": arm.context, "aem": int(arm.aem), "seed": seed,
                                       **{f"final_{k}": v for k, v in final.items()},
-                                      "train_time_s": sum(clock.times.values())}}
+                                      "train_time_s": train_time}}
 
 
 # ------------------------------------------------------------------------------------------------ report
-def permutation_p_value(a: list[float], b: list[float]) -> float:
-    """Exact two-sided permutation test of equal means (every relabelling of the pooled values)."""
-    pooled, observed = list(a) + list(b), abs(statistics.fmean(a) - statistics.fmean(b))
-    count = total = 0
-    for chosen in itertools.combinations(range(len(pooled)), len(a)):
-        picked = set(chosen)
-        first = [pooled[i] for i in chosen]
-        second = [pooled[i] for i in range(len(pooled)) if i not in picked]
-        total += 1
-        count += abs(statistics.fmean(first) - statistics.fmean(second)) >= observed - 1e-12
-    return count / total
-
-
 def mean_std(values: list[float]) -> str:
     """``mean ± std`` (sample std over seeds)."""
     if not values:
@@ -396,15 +373,6 @@ def summary_table(finals: list[dict], warm: list[dict], arm_names: list[str]) ->
                      f"{mean_std([r['final_generated_tokens'] for r in rows])} | "
                      f"{mean_std([r['final_rebuilds'] for r in rows])} | {p} |")
     return "\n".join(lines)
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    """Write dict rows (the union of their keys) to ``path``."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_plot(out: str, finals: list[dict], warm: list[dict], arm_names: list[str]) -> str:
@@ -473,13 +441,6 @@ def write_report(out: str, run: dict, steps: list[dict], finals: list[dict], war
         handle.write(summary + "\n")
     write_plot(out, finals, warm, arm_names)
     return summary
-
-
-def _cpu() -> str:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import cpu_model
-
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def parse_args(argv=None):
@@ -566,7 +527,7 @@ def main(argv=None) -> int:
     run = {"command": "python benchmarks/context_methods.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
            "model_parameters": sum(p.numel() for p in _model(tokenizer, 0, opts["hidden_size"]).parameters()),
-           "wall_time_s": round(time.time() - started, 1), "cpu": _cpu(), "python": platform.python_version(),
+           "wall_time_s": round(time.time() - started, 1), "cpu": cpu_label(), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
     with open(os.path.join(out, "run.json"), "w") as handle:
         json.dump({**run, "warm_start": warm}, handle, indent=2)

@@ -553,7 +553,7 @@ def main(argv=None) -> int:
            "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
            "task": {**dataclasses.asdict(task), "expert_seeds": [task.expert_seeds.start, task.expert_seeds.stop]},
            "baselines": baselines(task, opts["eval_tasks"]),
-           "wall_time_s": round(previous + time.time() - started, 1), "cpu": learning._cpu(),
+           "wall_time_s": round(previous + time.time() - started, 1), "cpu": learning.cpu_label(),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "trl": trl.__version__}
     with open(os.path.join(out, "run.json"), "w") as handle:

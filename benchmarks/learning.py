@@ -51,7 +51,6 @@ import _offline  # noqa: E402,F401  (the offline environment, before transformer
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -66,6 +65,8 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 
 from trl_aem.envs import CodeBreaker  # noqa: E402
+
+from _common import cpu_label, paired_sign_flip_p_value, permutation_p_value, write_csv  # noqa: E402
 
 SYSTEM_PROMPT = "you are a helpful agent ."
 
@@ -181,9 +182,9 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str, task: Task = CODEBR
     torch.set_num_threads(1)
     from transformers import set_seed
 
-    from _common import step_clock
+    from _common import train_and_log
 
-    from trl_aem import AEMGRPOConfig, AEMGRPOTrainer, make_env_dataset
+    from trl_aem import AEMGRPOConfig
 
     tokenizer, model = _tokenizer_and_model(seed, opts["hidden_size"], opts["layers"], task)
     model.load_state_dict(torch.load(weights))
@@ -200,25 +201,14 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str, task: Task = CODEBR
             logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, disable_tqdm=True,
             **BASES[arm.base], **arm.aem,
         )
-        clock = step_clock()
-        trainer = AEMGRPOTrainer(model=model, args=config, processing_class=tokenizer, env=task.env_id,
-                                 train_dataset=make_env_dataset(opts["steps"] * opts["tasks_per_step"]),
-                                 callbacks=[clock])
-        trainer.train()
-    rows = []
-    # With num_iterations > 1 a rollout feeds several optimizer steps; only the steps that generated log env metrics.
-    for entry in trainer.state.log_history:
-        if "env/success_rate" not in entry:
-            continue
-        row = {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed, "step": entry["step"]}
-        row.update({column: entry.get(key, float("nan")) for column, key in STEP_COLUMNS.items()})
-        row["step_time_s"] = clock.times.get(entry["step"], float("nan"))
-        rows.append(row)
+        trainer, rows, train_time = train_and_log(
+            model, tokenizer, config, task.env_id, opts["steps"] * opts["tasks_per_step"], STEP_COLUMNS,
+            {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed})
     model = trainer.model
     final = {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed,
              "final_success": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=False, task=task),
              "final_greedy": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=True, task=task),
-             "train_time_s": sum(clock.times.values())}
+             "train_time_s": train_time}
     return {"steps": rows, "final": final}
 
 
@@ -259,31 +249,6 @@ def rollout_speed(opts: dict, weights: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def permutation_p_value(a: list[float], b: list[float]) -> float:
-    """Exact two-sided permutation test of equal means (all relabelings of the pooled values; Fisher-Pitman)."""
-    pooled = list(a) + list(b)
-    observed = abs(statistics.fmean(a) - statistics.fmean(b))
-    count = total = 0
-    for chosen in itertools.combinations(range(len(pooled)), len(a)):
-        picked = set(chosen)
-        first = [pooled[i] for i in chosen]
-        second = [pooled[i] for i in range(len(pooled)) if i not in picked]
-        total += 1
-        count += abs(statistics.fmean(first) - statistics.fmean(second)) >= observed - 1e-12
-    return count / total
-
-
-def paired_sign_flip_p_value(a: list[float], b: list[float]) -> float:
-    """Exact two-sided paired permutation test: all 2^n sign flips of the per-pair differences ``a[i] - b[i]``."""
-    diffs = [x - y for x, y in zip(a, b)]
-    observed = abs(statistics.fmean(diffs))
-    count = total = 0
-    for signs in itertools.product((1, -1), repeat=len(diffs)):
-        total += 1
-        count += abs(statistics.fmean(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12
-    return count / total
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -321,14 +286,6 @@ def summary_table(finals: list[dict], warm: list[dict], metric: str = "final_suc
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def write_csv(path: str, rows: list[dict]) -> None:
-    """Write dict rows (same keys) to ``path``."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _curves(step_rows: list[dict], column: str, smooth: int) -> dict[str, tuple[list, list, list]]:
     """Per arm: steps, mean over seeds and std over seeds of ``column`` (trailing moving average of ``smooth``)."""
     import numpy as np
@@ -563,7 +520,7 @@ def main(argv=None) -> int:
     run = {"command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
            "model_parameters": count_parameters(opts), "wall_time_s": round(time.time() - started, 1),
-           "cpu": _cpu(), "python": platform.python_version(), "torch": torch.__version__,
+           "cpu": cpu_label(), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "trl": trl.__version__}
     with open(os.path.join(out, "run.json"), "w") as handle:
         json.dump(run, handle, indent=2)
@@ -576,13 +533,6 @@ def main(argv=None) -> int:
 def count_parameters(opts: dict) -> int:
     """Parameters of the tiny model the run trains."""
     return sum(p.numel() for p in _tokenizer_and_model(0, opts["hidden_size"], opts["layers"])[1].parameters())
-
-
-def _cpu() -> str:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import cpu_model
-
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ import torch
 
 from trl_aem.aem import aem_modulation, span_mean_entropy, token_entropy_from_logits
 
+from _common import cpu_label
+
 SYSTEM_PROMPT = "you are a helpful agent ."
 GROUP_SIZE = 8  # G, the paper's group size
 #: Environments: (gymnasium id, knobs, max turns, tokens per turn).
@@ -454,7 +456,7 @@ def run(opts) -> dict:
         "seconds": {"rollouts": round(rollout_seconds, 1), "sampling": round(sampling_seconds, 1),
                     "total": round(time.time() - started, 1)},
         "command": "python benchmarks/mechanism.py " + " ".join(opts.argv),
-        "python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu(),
+        "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_label(),
     })
     write_outputs(opts.out, summary, state_rows, response_rows)
     return summary
@@ -651,13 +653,6 @@ def write_scatter(path: str, state_rows: list[dict], response_rows: list[dict]) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _cpu() -> str:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import cpu_model
-
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def parse_args(argv=None):
