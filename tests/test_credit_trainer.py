@@ -232,16 +232,30 @@ def test_recipe_parses_and_the_cli_knows_the_knobs(tmp_path):
     assert config.max_completion_length > config.env_context_budget + config.env_memory_max_tokens
 
 
+#: Each ClueRooms recipe, the method it selects, and the metrics only that method logs.
+CLUE_RECIPES = {
+    "tiny-clues-echo-cpu.yaml": ("echo", "echo", ("env/rebuilds_per_episode", "env/findings_frac",
+                                                  "env/selected_turns_mean", "credit/credited_token_frac")),
+    "tiny-clues-summary-cpu.yaml": ("summary", "episode", ("env/rebuilds_per_episode", "env/summary_tokens_mean")),
+    "tiny-clues-gigpo-cpu.yaml": ("window", "gigpo", ("credit/step_group_size_mean",)),
+}
+
+
 @pytest.mark.slow
-def test_echo_recipe_trains_through_the_script(tmp_path):
+@pytest.mark.parametrize("recipe", sorted(CLUE_RECIPES))
+def test_clue_recipes_train_through_the_script(recipe, tmp_path):
+    """Each memory/credit recipe trains one step through examples/train_agent.py and logs its method's metrics."""
     from conftest import load_script
 
+    context, credit, metrics = CLUE_RECIPES[recipe]
     script = load_script("examples/train_agent.py", "train_agent")
-    trainer = script.main(["--config", str(ROOT / "examples" / "recipes" / "tiny-clues-echo-cpu.yaml"),
+    trainer = script.main(["--config", str(ROOT / "examples" / "recipes" / recipe),
                            "--max_steps", "1", "--eval_tasks", "2", "--warm_start_steps", "0", "--num_train_tasks", "8",
                            "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path), "--logging_steps", "1"])
+    assert trainer.args.env_context == context and trainer.args.env_credit_method == credit
     log = next(e for e in trainer.state.log_history if "env/success_rate" in e)
-    assert "env/rebuilds_per_episode" in log and "env/findings_frac" in log and "credit/credited_token_frac" in log
+    missing = [m for m in metrics if m not in log]
+    assert not missing, f"{recipe}: no {missing} in {sorted(log)}"
 
 
 def test_eval_command_plays_in_a_memory_context(tmp_path):
