@@ -4,6 +4,7 @@ Imported by the scripts in this folder."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import itertools
 import json
@@ -186,3 +187,27 @@ def train_and_log(model, tokenizer, config, env_id: str, num_rows: int, columns:
         row["step_time_s"] = clock.times.get(entry["step"], float("nan"))
         rows.append(row)
     return trainer, rows, sum(clock.times.values())
+
+
+class InlineExecutor(concurrent.futures.Executor):
+    """An executor that runs each submitted call at once, in this process, and returns its finished future: what
+    ``--workers 1`` uses instead of a pool, so a small run does not pay a second interpreter's imports."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` now; the returned future holds its result or its exception."""
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a pool would
+            future.set_exception(exc)
+        return future
+
+
+def job_pool(workers: int) -> concurrent.futures.Executor:
+    """The executor of the learning benchmarks' jobs: ``workers`` spawned processes (each job imports torch afresh
+    and sets its own thread count), or :class:`InlineExecutor` for ``workers <= 1``."""
+    if workers <= 1:
+        return InlineExecutor()
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))

@@ -53,19 +53,18 @@ import _offline  # noqa: E402,F401  (the offline environment, before transformer
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
+from concurrent.futures import as_completed  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import cpu_label, permutation_p_value, write_csv  # noqa: E402
+from _common import cpu_label, job_pool, permutation_p_value, write_csv  # noqa: E402
 
 ENV_ID = "trl_aem/ClueRooms-v0"
 ENV_KWARGS = dict(num_rooms=5, num_colors=4, num_items=2, clue_rooms=2, filler_words=0, distractors=False,
@@ -456,7 +455,8 @@ def parse_args(argv=None):
                              "memory formats within one or two updates)")
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: "
                         + ", ".join(DEFAULT_ARMS) + "); also: " + ", ".join(a.name for a in ARMS if a.extra))
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel processes (1: every job in this process)")
     parser.add_argument("--weights-dir", default=None,
                         help="keep the warm-start weights here and reuse them when the settings match (default: a "
                              "temporary folder)")
@@ -479,8 +479,7 @@ def main(argv=None) -> int:
     started = time.time()
     print(f"[context_methods] {len(arms)} arms x {opts['seeds']} seeds, {opts['steps']} RL steps; {args.workers} "
           f"workers -> {out}", flush=True)
-    with tempfile.TemporaryDirectory() as scratch, ProcessPoolExecutor(
-            max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with tempfile.TemporaryDirectory() as scratch, job_pool(args.workers) as pool:
         weights_dir = args.weights_dir or scratch
         os.makedirs(weights_dir, exist_ok=True)
         weights = {seed: os.path.join(weights_dir, f"seed{seed}.pt") for seed in range(opts["seeds"])}

@@ -41,19 +41,19 @@ import dataclasses
 import functools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 
 import _offline  # noqa: F401  (the offline environment, before transformers is imported)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import learning  # noqa: E402
+from _common import job_pool  # noqa: E402
 
 ARM_NAMES = ("GRPO", "AEM-GRPO", "AEM-GRPO reverse", "AEM-GRPO shuffle")
 #: Paired comparisons reported: (arm, against).
@@ -70,7 +70,7 @@ TEXTWORLD = learning.Task("textworld", "trl_aem/TextWorld-v0",
                           expert_seeds=range(1_000_000, 1_000_048), eval_env_kwargs={"split": "eval"})
 TW_DEFAULT = dict(seeds=10, steps=80, tasks_per_step=4, num_generations=8, sft_steps=40, eval_tasks=64,
                   expert_tasks=48)
-TW_QUICK = dict(seeds=1, steps=2, tasks_per_step=1, num_generations=4, sft_steps=2, eval_tasks=4, expert_tasks=4)
+TW_QUICK = dict(seeds=1, steps=2, tasks_per_step=1, num_generations=4, sft_steps=2, eval_tasks=2, expert_tasks=2)
 #: Per task: (the task, the full run's settings, --quick's).
 TASKS = {"codebreaker": (learning.CODEBREAKER, DEFAULT, QUICK), "textworld": (TEXTWORLD, TW_DEFAULT, TW_QUICK)}
 COLLAPSE_FRACTION = 0.5
@@ -457,8 +457,7 @@ def run_all(out: str, opts: dict, arms, seeds: list[int], workers: int, resume: 
     if not todo:
         return
     prepare_games(task, opts)
-    with tempfile.TemporaryDirectory() as weights_dir, ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with tempfile.TemporaryDirectory() as weights_dir, job_pool(workers) as pool:
         needed = sorted({seed for _, seed in todo})
         weights = {seed: os.path.join(weights_dir, f"seed{seed}.pt") for seed in needed}
         warm = {}
@@ -507,7 +506,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out evaluation tasks")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--arms", default=None, help="comma-separated subset of: " + ", ".join(ARM_NAMES))
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel processes (1: every job in this process)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs in --out, run the rest")
     parser.add_argument("--report-only", metavar="DIR", default=None, help="only rebuild the report from DIR")
     return parser.parse_args(argv)

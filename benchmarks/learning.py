@@ -53,20 +53,18 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
 from trl_aem.envs import CodeBreaker  # noqa: E402
 
-from _common import cpu_label, paired_sign_flip_p_value, permutation_p_value, write_csv  # noqa: E402
+from _common import cpu_label, job_pool, paired_sign_flip_p_value, permutation_p_value, write_csv  # noqa: E402
 
 SYSTEM_PROMPT = "you are a helpful agent ."
 
@@ -390,7 +388,7 @@ def parse_args(argv=None):
     parser.add_argument("--arms", default=None,
                         help="comma-separated arm names to run (default: all): " + ", ".join(a.name for a in ARMS))
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="parallel processes (one torch thread each)")
+                        help="parallel processes, one torch thread each (1: every job in this process)")
     parser.add_argument("--smooth", type=int, default=None, help="moving-average window of the plots")
     parser.add_argument("--report-only", metavar="DIR", default=None,
                         help="do not train: rebuild summary.md and the plots from a finished run's files in DIR")
@@ -491,8 +489,7 @@ def main(argv=None) -> int:
           f"{opts['tasks_per_step']} tasks x G={opts['num_generations']}, warm start {opts['sft_steps']} SFT steps, "
           f"eval {opts['eval_tasks']} tasks; {args.workers} workers -> {out}", flush=True)
 
-    with tempfile.TemporaryDirectory() as weights_dir, ProcessPoolExecutor(
-            max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with tempfile.TemporaryDirectory() as weights_dir, job_pool(args.workers) as pool:
         weights = {seed: os.path.join(weights_dir, f"seed{seed}.pt") for seed in range(opts["seeds"])}
         warm = [f.result() for f in [pool.submit(warm_start_job, s, opts, weights[s]) for s in weights]]
         for w in warm:

@@ -19,6 +19,13 @@ from trl_aem.tiny import build_tiny_qwen2, build_word_tokenizer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def textworld_cache(tmp_path_factory):
+    """One TextWorld game cache for the whole run: generating a game takes seconds, and the TextWorld tests and the
+    benchmark's TextWorld smoke run play many of the same games (the 16 vocabulary probe games above all)."""
+    return tmp_path_factory.mktemp("textworld-cache")
+
+
 def load_script(relative_path: str, name: str):
     """Import a script of the repository (``"benchmarks/learning.py"``) as module ``name``: registered in
     ``sys.modules`` (dataclasses look their module up there), its folder on ``sys.path`` (for sibling imports)."""

@@ -21,6 +21,27 @@ def learning():
     return load_script("benchmarks/learning.py", "learning_benchmark")
 
 
+def test_one_worker_runs_jobs_in_this_process(learning):
+    """``--workers 1``: the jobs run in order in this process; a job's exception reaches the caller from its future,
+    as from a process pool."""
+    from concurrent.futures import as_completed
+
+    import _common
+
+    pool = _common.job_pool(1)
+    assert isinstance(pool, _common.InlineExecutor)
+    ran = []
+    with pool:
+        futures = [pool.submit(ran.append, k) for k in range(3)] + [pool.submit(int, "not a number")]
+        assert ran == [0, 1, 2] and all(f.done() for f in futures)
+        assert len(list(as_completed(futures))) == 4
+    with pytest.raises(ValueError, match="not a number"):
+        futures[-1].result()
+    pool = _common.job_pool(2)
+    assert not isinstance(pool, _common.InlineExecutor)
+    pool.shutdown()
+
+
 def test_permutation_p_value_by_hand(learning):
     # pooled (1, 2, 3, 4), 6 ways to pick 2: mean differences 2, 1, 0, 0, 1, 2 -> two reach |2|: p = 2/6.
     assert learning.permutation_p_value([1, 2], [3, 4]) == pytest.approx(1 / 3)
@@ -103,7 +124,7 @@ def test_quick_run_writes_every_output(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--quick", "--arms", "GRPO,AEM-GRPO",
-         "--seeds", "2", "--steps", "2", "--eval-tasks", "4", "--out", str(out)],
+         "--seeds", "2", "--steps", "2", "--eval-tasks", "4", "--workers", "1", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

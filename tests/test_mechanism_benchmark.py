@@ -289,7 +289,7 @@ def test_quick_sign_rule_run(tmp_path):
 def test_quick_entropy_dynamics_run_and_resume(tmp_path):
     out = tmp_path / "dyn"
     script = str(ROOT / "benchmarks" / "entropy_dynamics.py")
-    proc = subprocess.run([sys.executable, script, "--quick", "--steps", "2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, script, "--quick", "--steps", "2", "--out", str(out)],  # 2 spawned workers
                           capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "dynamics.json").read_text())
@@ -304,19 +304,20 @@ def test_quick_entropy_dynamics_run_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_entropy_dynamics_on_textworld(tmp_path):
+def test_quick_entropy_dynamics_on_textworld(tmp_path, textworld_cache):
     """--task textworld --quick: GRPO and AEM-GRPO on TextWorld's coin collector, 1 seed, 2 steps. Games come from
-    the benchmark's game cache ($TRL_AEM_CACHE or ~/.cache/trl_aem; generated on first use, a few seconds each)."""
+    the run's shared game cache ($TRL_AEM_CACHE; generated on first use, a few seconds each)."""
     pytest.importorskip("textworld", reason='the optional extra: pip install "trl-aem[textworld]"')
     import csv
 
     out = tmp_path / "tw"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "entropy_dynamics.py"), "--task", "textworld",
-                           "--quick", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=900)
+                           "--quick", "--workers", "1", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env=dict(ENV, TRL_AEM_CACHE=str(textworld_cache)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["task"]["env_id"] == "trl_aem/TextWorld-v0" and run["task"]["eval_env_kwargs"] == {"split": "eval"}
-    assert run["task"]["expert_seeds"] == [1_000_000, 1_000_004]
+    assert run["task"]["expert_seeds"] == [1_000_000, 1_000_002]
     assert run["baselines"]["expert"] == 1.0 and 0.0 <= run["baselines"]["random"] < 1.0  # the walkthrough wins
     with open(out / "steps.csv", newline="") as handle:
         steps = list(csv.DictReader(handle))
@@ -331,7 +332,7 @@ def test_quick_entropy_dynamics_on_textworld(tmp_path):
     assert sorted(r["arm"] for r in finals) == ["AEM-GRPO", "GRPO"]
     for r in finals:
         for key in ("final_success", "final_greedy", "warm_start_success", "warm_start_greedy"):
-            assert float(r[key]) * 4 == round(float(r[key]) * 4)  # a fraction of the 4 evaluation games
+            assert float(r[key]) * 2 == round(float(r[key]) * 2)  # a fraction of the 2 evaluation games
     result = json.loads((out / "dynamics.json").read_text())
     assert result["arms"] == ["GRPO", "AEM-GRPO"] and result["seeds"] == [0]
     text = (out / "dynamics.md").read_text()

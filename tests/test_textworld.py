@@ -14,8 +14,8 @@ from trl_aem.envs.textworld_env import TextWorldEnv, game_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("textworld-cache")
+def cache(textworld_cache):
+    return textworld_cache
 
 
 def test_walkthrough_wins_a_generated_game_and_the_convention_holds(cache):
