@@ -331,12 +331,11 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str) -> dict:
             aem_lambda=1.0 if arm.aem else 0.0, aem_min_entropy_range=0.1,
             **context_options(arm.context, opts), **arm.extra,
         )
+        identity = {"arm": arm.name, "context": arm.context, "aem": int(arm.aem), "seed": seed}
         trainer, steps, train_time = train_and_log(
-            model, tokenizer, config, ENV_ID, opts["steps"] * opts["tasks_per_step"], STEP_COLUMNS,
-            {"arm": arm.name, "context": arm.context, "aem": int(arm.aem), "seed": seed})
+            model, tokenizer, config, ENV_ID, opts["steps"] * opts["tasks_per_step"], STEP_COLUMNS, identity)
     final = evaluate(trainer.model, tokenizer, arm.context, opts, seed)
-    return {"steps": steps, "final": {"arm": arm.name, "context": arm.context, "aem": int(arm.aem), "seed": seed,
-                                      **{f"final_{k}": v for k, v in final.items()},
+    return {"steps": steps, "final": {**identity, **{f"final_{k}": v for k, v in final.items()},
                                       "train_time_s": train_time}}
 
 

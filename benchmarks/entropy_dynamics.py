@@ -53,7 +53,7 @@ import _offline  # noqa: F401  (the offline environment, before transformers is 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import learning  # noqa: E402
-from _common import job_pool  # noqa: E402
+from _common import cpu_label, job_pool  # noqa: E402
 
 ARM_NAMES = ("GRPO", "AEM-GRPO", "AEM-GRPO reverse", "AEM-GRPO shuffle")
 #: Paired comparisons reported: (arm, against).
@@ -422,10 +422,9 @@ def prepare_games(task, opts: dict) -> None:
     and caches its games here, so that the workers only load them."""
     from trl_aem.rollout import make_env_factory
 
-    eval_kwargs = {**task.env_kwargs, **task.eval_env_kwargs}
     for kwargs, seeds in ((task.env_kwargs, range(opts["steps"] * opts["tasks_per_step"])),
                           (task.env_kwargs, task.expert_seeds),
-                          (eval_kwargs, range(task.eval_seed_offset, task.eval_seed_offset + opts["eval_tasks"]))):
+                          (task.eval_kwargs, range(task.eval_seed_offset, task.eval_seed_offset + opts["eval_tasks"]))):
         env = make_env_factory(task.env_id, kwargs)()
         try:
             for seed in seeds:
@@ -439,8 +438,7 @@ def baselines(task, num_tasks: int) -> dict:
     """Success of a random admissible command and of the env's expert (walkthrough) on the evaluation tasks."""
     from trl_aem import evaluate
 
-    kwargs = {**task.env_kwargs, **task.eval_env_kwargs}
-    return {policy: evaluate(task.env_id, policy, num_tasks=num_tasks, env_kwargs=kwargs,
+    return {policy: evaluate(task.env_id, policy, num_tasks=num_tasks, env_kwargs=task.eval_kwargs,
                              seed_offset=task.eval_seed_offset, max_turns=task.max_turns).success_rate
             for policy in ("random", "expert")}
 
@@ -553,7 +551,7 @@ def main(argv=None) -> int:
            "options": opts, "arms": [a.name for a in arms], "workers": args.workers,
            "task": {**dataclasses.asdict(task), "expert_seeds": [task.expert_seeds.start, task.expert_seeds.stop]},
            "baselines": baselines(task, opts["eval_tasks"]),
-           "wall_time_s": round(previous + time.time() - started, 1), "cpu": learning.cpu_label(),
+           "wall_time_s": round(previous + time.time() - started, 1), "cpu": cpu_label(),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "trl": trl.__version__}
     with open(os.path.join(out, "run.json"), "w") as handle:

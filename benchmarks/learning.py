@@ -85,6 +85,11 @@ class Task:
     eval_seed_offset: int = 100_000
     eval_env_kwargs: dict = field(default_factory=dict)
 
+    @property
+    def eval_kwargs(self) -> dict:
+        """The env kwargs of the evaluation games: ``env_kwargs`` updated by ``eval_env_kwargs``."""
+        return {**self.env_kwargs, **self.eval_env_kwargs}
+
 
 #: The default task: CodeBreaker at the CPU demo's setting (one symbol out of 3, 3 guesses).
 CODEBREAKER = Task("codebreaker", "trl_aem/CodeBreaker-v0", dict(CodeBreaker.EASIEST), max_turns=3, tokens_per_turn=4)
@@ -151,7 +156,7 @@ def _evaluate(model, tokenizer, num_tasks: int, seed: int, greedy: bool, task: T
 
     torch.manual_seed(seed)  # same sampling noise for every arm of a seed
     result = evaluate(task.env_id, "model", model=model, tokenizer=tokenizer, num_tasks=num_tasks,
-                      env_kwargs={**task.env_kwargs, **task.eval_env_kwargs}, seed_offset=task.eval_seed_offset,
+                      env_kwargs=task.eval_kwargs, seed_offset=task.eval_seed_offset,
                       system_prompt=SYSTEM_PROMPT, greedy=greedy, temperature=1.0, max_turns=task.max_turns,
                       max_new_tokens_per_turn=task.tokens_per_turn)
     return result.success_rate
@@ -199,11 +204,11 @@ def train_job(arm: Arm, seed: int, opts: dict, weights: str, task: Task = CODEBR
             logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, disable_tqdm=True,
             **BASES[arm.base], **arm.aem,
         )
+        identity = {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed}
         trainer, rows, train_time = train_and_log(
-            model, tokenizer, config, task.env_id, opts["steps"] * opts["tasks_per_step"], STEP_COLUMNS,
-            {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed})
+            model, tokenizer, config, task.env_id, opts["steps"] * opts["tasks_per_step"], STEP_COLUMNS, identity)
     model = trainer.model
-    final = {"arm": arm.name, "base": arm.base, "aem": int(not arm.is_base), "seed": seed,
+    final = {**identity,
              "final_success": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=False, task=task),
              "final_greedy": _evaluate(model, tokenizer, opts["eval_tasks"], seed, greedy=True, task=task),
              "train_time_s": train_time}
